@@ -1,0 +1,60 @@
+"""The app factory: wires settings, knowledge, storage, security and the HTTP blueprints."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from flask import Flask
+
+from cds_service.config import Settings
+
+
+@dataclass
+class Services:
+    """Long-lived objects shared by all requests of one app (one per worker process)."""
+
+    settings: Settings
+    engine: Any  # cds_service.engine.ClinicalEngine
+    store: Any  # cds_service.store.Store
+    verifier: Any  # cds_service.security.RequestVerifier
+    patient_data: Any  # cds_service.patient_data.PatientDataGatherer
+
+
+def services(app: Flask | None = None) -> Services:
+    """The `Services` of the current (or given) app."""
+    from flask import current_app
+
+    return (app or current_app).extensions["cds"]
+
+
+def create_app(config: Mapping[str, Any] | None = None) -> Flask:
+    """Build the Flask app. `config` overrides settings read from `CDS_*` environment variables."""
+    from cds_service import http, logs
+    from cds_service.engine import ClinicalEngine
+    from cds_service.patient_data import PatientDataGatherer
+    from cds_service.security import RequestVerifier
+    from cds_service.store import Store
+
+    settings = Settings.from_env(config)
+    logs.configure(settings.log_level)
+    app = Flask(__name__, static_folder=None)
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
+    app.json.sort_keys = False
+
+    store = Store.open(settings)
+    app.extensions["cds"] = Services(
+        settings=settings,
+        engine=ClinicalEngine.load(settings),
+        store=store,
+        verifier=RequestVerifier(settings, store),
+        patient_data=PatientDataGatherer(settings),
+    )
+    http.register(app)
+    if settings.auth_disabled:
+        logging.getLogger("cds_service").warning(
+            "auth_disabled", extra={"event": "auth_disabled",
+                                    "detail": "CDS_AUTH_DISABLED=1: JWT verification is OFF (development only)"})
+    return app

@@ -1,0 +1,38 @@
+"""`b12-cds` command line: serve | evaluate | seed | feedback-report.
+
+Each subcommand lives in `cds_service/commands/<name>.py` with `add_arguments(parser)` and
+`run(args) -> int`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS = {
+    "serve": ("serve", "run the service (gunicorn in production, Flask's server with --dev)"),
+    "evaluate": ("evaluate", "run a hook against a FHIR server and print the cards"),
+    "seed": ("seed", "load the synthetic demo patients into a FHIR server"),
+    "feedback-report": ("feedback_report", "acceptance report of the cards issued"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="b12-cds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, (module, help_text) in COMMANDS.items():
+        cmd = sub.add_parser(name, help=help_text, description=help_text)
+        mod = importlib.import_module(f"cds_service.commands.{module}")
+        mod.add_arguments(cmd)
+        cmd.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return int(args._run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,134 @@
+"""Settings: every `CDS_` environment variable, in one place.
+
+`Settings.from_env(overrides)` reads the environment and applies a mapping of overrides (the
+`config` argument of `create_app`).  Override keys are the field names (`max_body_bytes`) or the
+environment names (`CDS_MAX_BODY_BYTES`).  README.md's configuration table documents every field;
+`tests/test_config.py` checks that the table and this class agree.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+ENV_PREFIX = "CDS_"
+
+
+def _default_dir(name: str) -> str:
+    return str(REPO_ROOT / name)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Runtime configuration. Field `foo_bar` is read from `CDS_FOO_BAR`."""
+
+    # --- knowledge files -------------------------------------------------------------------
+    cards_dir: str = field(default_factory=lambda: _default_dir("cards"))
+    """Folder with the card definitions (text, links, override reasons)."""
+    valuesets_dir: str = field(default_factory=lambda: _default_dir("valuesets"))
+    """Folder with the FHIR ValueSet JSON files the facts are matched against."""
+
+    # --- clinical rule parameters (defaults from issue #2; sources in docs/rules.md) -------
+    older_age_years: int = 75
+    chronic_days: int = 84
+    recent_test_days: int = 56
+    result_lookback_days: int = 365
+    b12_low_below_ng_l: float = 180.0
+    b12_normal_above_ng_l: float = 350.0
+    b12_order_loinc: str = "2132-9"
+    order_intent: str = "proposal"
+
+    # --- protocol limits -------------------------------------------------------------------
+    max_body_bytes: int = 5 * 1024 * 1024
+    max_json_depth: int = 64
+    max_string_length: int = 4096
+
+    # --- CORS --------------------------------------------------------------------------------
+    cors_origins: str = "*"
+    """Comma-separated allowed origins, or `*`."""
+
+    # --- FHIR fallback -----------------------------------------------------------------------
+    fhir_connect_timeout: float = 0.5
+    fhir_read_timeout: float = 2.0
+    fhir_deadline: float = 3.0
+    """Overall budget (seconds) for all FHIR fallback requests of one hook call."""
+    fhir_max_pages: int = 5
+    fhir_max_response_bytes: int = 10 * 1024 * 1024
+    fhir_allowlist: str = ""
+    """Comma-separated URL prefixes that `fhirServer` may point to. Empty: no outbound calls."""
+
+    # --- security ----------------------------------------------------------------------------
+    auth_disabled: bool = False
+    trusted_issuers: str = "{}"
+    """JSON object: issuer -> {"jwks": URL or file path, "jku": [allowed URLs], "tenants": [...]}."""
+    public_base_url: str = ""
+    """Externally visible base URL (scheme://host[:port][/prefix]) used for the JWT `aud` check."""
+    jwt_leeway_seconds: int = 60
+    jwks_cache_seconds: int = 3600
+    patient_hash_key: str = ""
+    """Secret for the keyed hash of patient ids stored with issued cards (generated and kept in
+    the data directory when empty)."""
+
+    # --- storage -----------------------------------------------------------------------------
+    data_dir: str = field(default_factory=lambda: _default_dir("data"))
+    database_url: str = ""
+    """`postgresql://...` for shared storage across replicas; empty: SQLite in `data_dir`."""
+
+    # --- serving -----------------------------------------------------------------------------
+    demo_mode: bool = False
+    """Serve the demo EHR page at `/` and trust the built-in demo signing key."""
+    log_level: str = "INFO"
+    workers: int = 2
+    bind: str = "127.0.0.1:8080"
+
+    @classmethod
+    def from_env(
+        cls, overrides: Mapping[str, Any] | None = None, environ: Mapping[str, str] | None = None
+    ) -> "Settings":
+        """Build settings from `CDS_*` variables, then apply `overrides`."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for name, f in fields.items():
+            raw = env.get(ENV_PREFIX + name.upper())
+            if raw is not None and raw != "":
+                values[name] = _coerce(f, raw)
+        for key, value in (overrides or {}).items():
+            name = key[len(ENV_PREFIX):].lower() if key.startswith(ENV_PREFIX) else key
+            if name not in fields:
+                raise ValueError(f"unknown setting {key!r}")
+            values[name] = _coerce(fields[name], value) if isinstance(value, str) else value
+        return cls(**values)
+
+    # Derived views -------------------------------------------------------------------------
+    @property
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip() for o in self.cors_origins.split(",") if o.strip()] or ["*"]
+
+    @property
+    def fhir_allowlist_prefixes(self) -> list[str]:
+        return [p.strip() for p in self.fhir_allowlist.split(",") if p.strip()]
+
+    @property
+    def trusted_issuer_map(self) -> dict[str, dict[str, Any]]:
+        parsed = json.loads(self.trusted_issuers or "{}")
+        if not isinstance(parsed, dict):
+            raise ValueError("CDS_TRUSTED_ISSUERS must be a JSON object")
+        return parsed
+
+
+def _coerce(f: dataclasses.Field, raw: Any) -> Any:
+    kind = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
+    if kind == "bool":
+        return str(raw).strip().lower() in {"1", "true", "yes", "on"}
+    if kind == "int":
+        return int(raw)
+    if kind == "float":
+        return float(raw)
+    return str(raw)

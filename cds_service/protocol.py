@@ -1,0 +1,325 @@
+"""CDS Hooks 2.0 wire protocol: request checks, the card model, OperationOutcome errors.
+
+Every rule of the spec about the *shape* of requests and responses lives here, so no other
+module can emit a non-conformant card: cards are built only through `Card`, whose validators
+reject nulls, empty strings/arrays/objects, over-long summaries, unknown indicators, a
+`suggestions` list without `selectionBehavior`, and override reasons that are not full Codings.
+"""
+
+from __future__ import annotations
+
+import uuid as uuid_mod
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+ISSUE_CODE_BY_STATUS = {
+    400: "invalid",
+    401: "login",
+    403: "forbidden",
+    404: "not-found",
+    405: "not-supported",
+    412: "incomplete",
+    413: "too-long",
+    415: "not-supported",
+    429: "throttled",
+    500: "exception",
+}
+
+
+class CdsError(Exception):
+    """An error answered with `status` and an OperationOutcome body."""
+
+    def __init__(self, status: int, diagnostics: str, *, expression: str | None = None,
+                 issues: list[dict[str, Any]] | None = None) -> None:
+        super().__init__(diagnostics)
+        self.status = status
+        self.diagnostics = diagnostics
+        self.expression = expression
+        self.extra_issues = issues or []
+
+    def outcome(self) -> dict[str, Any]:
+        return operation_outcome(self.status, self.diagnostics, expression=self.expression,
+                                 extra_issues=self.extra_issues)
+
+
+def operation_outcome(status: int, diagnostics: str, *, expression: str | None = None,
+                      extra_issues: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A FHIR R4 OperationOutcome for an HTTP error `status`."""
+    issue: dict[str, Any] = {
+        "severity": "error" if status < 500 else "fatal",
+        "code": ISSUE_CODE_BY_STATUS.get(status, "processing"),
+        "diagnostics": diagnostics,
+    }
+    if expression:
+        issue["expression"] = [expression]
+    return {"resourceType": "OperationOutcome", "issue": [issue, *(extra_issues or [])]}
+
+
+def bad_request(diagnostics: str, expression: str | None = None) -> CdsError:
+    return CdsError(400, diagnostics, expression=expression)
+
+
+# ---------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------
+
+HOOK_REQUIRED_CONTEXT: dict[str, tuple[str, ...]] = {
+    "patient-view": ("userId", "patientId"),
+    "order-select": ("userId", "patientId", "selections", "draftOrders"),
+    "order-sign": ("userId", "patientId", "draftOrders"),
+}
+"""Required context fields per hook (CDS Hooks library 1.0.1)."""
+
+USER_ID_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
+
+
+@dataclass(frozen=True)
+class FhirAuthorization:
+    access_token: str
+    token_type: str = "Bearer"
+    scope: str = ""
+    subject: str = ""
+
+    def __repr__(self) -> str:  # never print the token
+        return f"FhirAuthorization(token_type={self.token_type!r}, scope={self.scope!r})"
+
+
+@dataclass(frozen=True)
+class HookContext:
+    user_id: str
+    patient_id: str
+    encounter_id: str | None = None
+    draft_orders: dict[str, Any] | None = None
+    selections: tuple[str, ...] = ()
+
+    def token_values(self) -> dict[str, str]:
+        """Values for prefetch tokens: `context.*` primitives and the `user*Id` shortcuts."""
+        values = {"context.userId": self.user_id, "context.patientId": self.patient_id}
+        if self.encounter_id:
+            values["context.encounterId"] = self.encounter_id
+        rtype, _, rid = self.user_id.partition("/")
+        if rid:
+            values[f"user{rtype}Id"] = rid
+        return values
+
+
+@dataclass(frozen=True)
+class HookRequest:
+    hook: str
+    hook_instance: str
+    context: HookContext
+    fhir_server: str | None = None
+    fhir_authorization: FhirAuthorization | None = None
+    prefetch: dict[str, Any] = field(default_factory=dict)
+
+
+def _require_str(obj: dict[str, Any], key: str, where: str, *, max_len: int,
+                 required: bool = True) -> str | None:
+    value = obj.get(key)
+    if value is None:
+        if required:
+            raise bad_request(f"{where}{key} is required", f"{where}{key}")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise bad_request(f"{where}{key} must be a non-empty string", f"{where}{key}")
+    if len(value) > max_len:
+        raise bad_request(f"{where}{key} is longer than {max_len} characters", f"{where}{key}")
+    return value
+
+
+def parse_hook_request(body: Any, expected_hook: str, *, max_string_length: int = 4096) -> HookRequest:
+    """Check a hook call body against CDS Hooks 2.0 and the hook's context definition.
+
+    Unknown members and `extension` objects are tolerated (spec: `extension` is reserved on every
+    object); anything required that is missing or of the wrong type raises a 400 `CdsError` naming
+    the field.
+    """
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    hook = _require_str(body, "hook", "", max_len=128)
+    if hook != expected_hook:
+        raise bad_request(f"hook must be {expected_hook!r} for this service", "hook")
+    hook_instance = _require_str(body, "hookInstance", "", max_len=128)
+    fhir_server = _require_str(body, "fhirServer", "", max_len=2048, required=False)
+    if fhir_server is not None and not fhir_server.lower().startswith(("http://", "https://")):
+        raise bad_request("fhirServer must be an absolute http(s) URL", "fhirServer")
+
+    auth: FhirAuthorization | None = None
+    raw_auth = body.get("fhirAuthorization")
+    if raw_auth is not None:
+        if not isinstance(raw_auth, dict):
+            raise bad_request("fhirAuthorization must be an object", "fhirAuthorization")
+        if fhir_server is None:
+            raise bad_request("fhirServer is required when fhirAuthorization is present", "fhirServer")
+        token = _require_str(raw_auth, "access_token", "fhirAuthorization.", max_len=max_string_length)
+        token_type = _require_str(raw_auth, "token_type", "fhirAuthorization.", max_len=32, required=False)
+        if token_type is not None and token_type.lower() != "bearer":
+            raise bad_request("fhirAuthorization.token_type must be Bearer", "fhirAuthorization.token_type")
+        scope = _require_str(raw_auth, "scope", "fhirAuthorization.", max_len=max_string_length, required=False)
+        subject = _require_str(raw_auth, "subject", "fhirAuthorization.", max_len=256, required=False)
+        auth = FhirAuthorization(access_token=token or "", scope=scope or "", subject=subject or "")
+
+    raw_context = body.get("context")
+    if raw_context is None:
+        raise bad_request("context is required", "context")
+    if not isinstance(raw_context, dict):
+        raise bad_request("context must be an object", "context")
+    context = _parse_context(raw_context, hook, max_string_length)
+
+    prefetch = body.get("prefetch")
+    if prefetch is None:
+        prefetch = {}
+    elif not isinstance(prefetch, dict):
+        raise bad_request("prefetch must be an object", "prefetch")
+
+    return HookRequest(hook=hook, hook_instance=hook_instance or "", context=context,
+                       fhir_server=fhir_server.rstrip("/") if fhir_server else None,
+                       fhir_authorization=auth, prefetch=prefetch)
+
+
+def _parse_context(raw: dict[str, Any], hook: str, max_len: int) -> HookContext:
+    required = HOOK_REQUIRED_CONTEXT[hook]
+    user_id = _require_str(raw, "userId", "context.", max_len=256)
+    rtype, _, rid = (user_id or "").partition("/")
+    if rtype not in USER_ID_TYPES or not rid:
+        raise bad_request("context.userId must be a relative reference such as Practitioner/123",
+                          "context.userId")
+    patient_id = _require_str(raw, "patientId", "context.", max_len=64)
+    if "/" in (patient_id or ""):
+        raise bad_request("context.patientId must be a logical id, not a reference", "context.patientId")
+    encounter_id = _require_str(raw, "encounterId", "context.", max_len=64, required=False)
+
+    draft_orders = raw.get("draftOrders")
+    if "draftOrders" in required or draft_orders is not None:
+        if not isinstance(draft_orders, dict) or draft_orders.get("resourceType") != "Bundle":
+            raise bad_request("context.draftOrders must be a FHIR Bundle", "context.draftOrders")
+        entries = draft_orders.get("entry", [])
+        if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+            raise bad_request("context.draftOrders.entry must be an array of objects",
+                              "context.draftOrders.entry")
+    selections: tuple[str, ...] = ()
+    if "selections" in required:
+        raw_sel = raw.get("selections")
+        if not isinstance(raw_sel, list) or not all(isinstance(s, str) and s for s in raw_sel):
+            raise bad_request("context.selections must be an array of strings", "context.selections")
+        selections = tuple(raw_sel)
+    return HookContext(user_id=user_id or "", patient_id=patient_id or "", encounter_id=encounter_id,
+                       draft_orders=draft_orders, selections=selections)
+
+
+# ---------------------------------------------------------------------------------------------
+# Cards (responses)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Strict(BaseModel):
+    """Base for response models: no unknown fields, no empty strings, no empty containers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="after")
+    def _no_empty_values(self) -> "_Strict":
+        for name, value in self:
+            if value is None:
+                continue
+            if isinstance(value, str) and not value.strip():
+                raise ValueError(f"{name} must not be an empty string (omit it instead)")
+            if isinstance(value, (list, tuple, dict)) and len(value) == 0:
+                raise ValueError(f"{name} must not be empty (omit it instead)")
+        return self
+
+    def to_json(self) -> dict[str, Any]:
+        """The spec's JSON: optional members without a value are omitted, never `null`."""
+        return self.model_dump(mode="json", exclude_none=True)
+
+
+class Coding(_Strict):
+    system: str
+    code: str
+    display: str | None = None
+
+
+class OverrideReason(Coding):
+    display: str  # required for overrideReasons (cds-resp-4)
+
+
+class Source(_Strict):
+    label: str
+    url: str | None = None
+    icon: str | None = None
+    topic: Coding | None = None
+
+    @field_validator("url", "icon")
+    @classmethod
+    def _absolute(cls, v: str | None) -> str | None:
+        if v is not None and not v.startswith(("https://", "http://")):
+            raise ValueError("must be an absolute URL")
+        return v
+
+
+class Action(_Strict):
+    type: Literal["create", "update", "delete"]
+    description: str
+    resource: dict[str, Any] | None = None
+    resourceId: str | None = None
+
+    @model_validator(mode="after")
+    def _resource_rules(self) -> "Action":
+        if self.type in ("create", "update") and self.resource is None:
+            raise ValueError(f"{self.type} action needs a resource")
+        if self.type == "delete" and (self.resourceId is None or self.resource is not None):
+            raise ValueError("delete action needs resourceId and no resource")
+        return self
+
+
+class Suggestion(_Strict):
+    label: str
+    uuid: str = Field(default_factory=lambda: str(uuid_mod.uuid4()))
+    isRecommended: bool | None = None
+    actions: list[Action] | None = None
+
+
+class Link(_Strict):
+    label: str
+    url: str
+    type: Literal["absolute", "smart"]
+    appContext: str | None = None
+
+    @model_validator(mode="after")
+    def _rules(self) -> "Link":
+        if self.appContext is not None and self.type != "smart":
+            raise ValueError("appContext is only allowed on smart links (cds-resp-3)")
+        if self.type == "absolute" and not self.url.startswith(("https://", "http://")):
+            raise ValueError("absolute links need an absolute URL")
+        return self
+
+
+class Card(_Strict):
+    uuid: str = Field(default_factory=lambda: str(uuid_mod.uuid4()))
+    summary: str = Field(max_length=139)
+    detail: str | None = None
+    indicator: Literal["info", "warning", "critical"]
+    source: Source
+    suggestions: list[Suggestion] | None = None
+    selectionBehavior: Literal["at-most-one", "any"] | None = None
+    overrideReasons: list[OverrideReason] | None = None
+    links: list[Link] | None = None
+
+    @model_validator(mode="after")
+    def _selection_rules(self) -> "Card":
+        if self.suggestions and self.selectionBehavior is None:
+            raise ValueError("selectionBehavior is required when suggestions are present (cds-resp-6)")
+        if self.selectionBehavior == "at-most-one" and self.suggestions:
+            if sum(1 for s in self.suggestions if s.isRecommended) > 1:
+                raise ValueError("at most one suggestion may be isRecommended with at-most-one (cds-resp-1)")
+        return self
+
+
+def cards_response(cards: list[Card]) -> dict[str, Any]:
+    return {"cards": [c.to_json() for c in cards]}

@@ -1,0 +1,79 @@
+"""The patient's data as gathered for one hook call: raw FHIR JSON, grouped by resource type.
+
+`patient_data.gather()` produces a `PatientRecord` (from prefetch, else the FHIR server);
+`facts.derive_facts()` consumes it.  Resources stay raw JSON dicts here: code matching runs on the
+raw JSON and only the resources the rules actually use are validated with fhir.resources R4B
+(see facts.py), which keeps large records cheap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+Resource = dict[str, Any]
+
+# Prefetch keys published in discovery (patient_data.py holds their templates).  Card text can
+# name a key that could not be obtained ("medications could not be checked"): the wording for
+# each key lives in cards/common.json under "unavailable_data".
+PREFETCH_KEYS: tuple[str, ...] = (
+    "patient",
+    "conditions",
+    "labResults",
+    "findings",
+    "findingValues",
+    "medicationRequests",
+    "medicationStatements",
+    "procedures",
+    "serviceRequests",
+)
+REQUIRED_KEYS: frozenset[str] = frozenset({"patient", "conditions"})
+
+
+@dataclass(frozen=True)
+class PatientRecord:
+    """Everything the rules may look at for one patient."""
+
+    patient: Resource | None
+    conditions: tuple[Resource, ...] = ()
+    observations: tuple[Resource, ...] = ()
+    medication_requests: tuple[Resource, ...] = ()
+    medication_statements: tuple[Resource, ...] = ()
+    procedures: tuple[Resource, ...] = ()
+    service_requests: tuple[Resource, ...] = ()
+    draft_orders: tuple[Resource, ...] = ()
+    """Resources from `context.draftOrders` (order-select / order-sign)."""
+    unavailable: frozenset[str] = field(default_factory=frozenset)
+    """Prefetch keys whose data could not be obtained (neither prefetched nor fetched)."""
+
+    @classmethod
+    def from_resources(cls, resources: list[Resource], *, draft_orders: list[Resource] = (),
+                       unavailable: frozenset[str] = frozenset()) -> "PatientRecord":
+        """Group a flat list of resources by type (duplicates by type+id are dropped)."""
+        seen: set[tuple[str, str]] = set()
+        groups: dict[str, list[Resource]] = {}
+        patient: Resource | None = None
+        for res in resources:
+            if not isinstance(res, dict):
+                continue
+            rtype = res.get("resourceType")
+            rid = res.get("id")
+            if isinstance(rid, str):
+                if (rtype, rid) in seen:
+                    continue
+                seen.add((rtype, rid))
+            if rtype == "Patient":
+                patient = patient or res
+            elif isinstance(rtype, str):
+                groups.setdefault(rtype, []).append(res)
+        return cls(
+            patient=patient,
+            conditions=tuple(groups.get("Condition", ())),
+            observations=tuple(groups.get("Observation", ())),
+            medication_requests=tuple(groups.get("MedicationRequest", ())),
+            medication_statements=tuple(groups.get("MedicationStatement", ())),
+            procedures=tuple(groups.get("Procedure", ())),
+            service_requests=tuple(groups.get("ServiceRequest", ())),
+            draft_orders=tuple(r for r in draft_orders if isinstance(r, dict)),
+            unavailable=unavailable,
+        )
