@@ -1,13 +1,532 @@
-"""PLACEHOLDER (owned by the storage/feedback helper; replaced wholesale)."""
+"""Storage: issued cards, clinician feedback and the JWT replay cache, in one database.
+
+Default: SQLite in WAL mode at `<data_dir>/cds.sqlite3`.  With `CDS_DATABASE_URL=postgresql://...`
+the same schema lives in PostgreSQL (psycopg 3), so several replicas share it.
+
+Process and thread safety (gunicorn pre-fork workers, threaded workers):
+
+* connections are opened lazily, one per (process, thread); a connection inherited through
+  `fork()` is never used (the owning pid is checked on every use);
+* `Store.open()` migrates the schema and closes its connection before returning, so nothing is
+  open when gunicorn forks a preloaded app;
+* every write is one transaction; SQLite writers take the write lock up front
+  (`BEGIN IMMEDIATE`) and wait up to `BUSY_TIMEOUT_MS` for it; `synchronous=FULL` makes an
+  acknowledged write survive SIGKILL or power loss.
+
+Patient ids are never stored: issued cards keep an HMAC-SHA256 of the id under a secret key
+(`CDS_PATIENT_HASH_KEY`, else a random key created once in `data_dir` with mode 0600).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import date, datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from cds_service.config import Settings
+from cds_service.logs import get_logger
+
+log = get_logger("store")
+
+SQLITE_FILENAME = "cds.sqlite3"
+PATIENT_KEY_FILENAME = "patient_hash.key"
+BUSY_TIMEOUT_MS = 30_000
+JTI_PURGE_INTERVAL_SECONDS = 60.0
+SCHEMA_VERSION = 1
+
+# Migrations: version -> statements.  `{id}` is the auto-increment primary key column type of the
+# dialect.  Never edit a released migration; append a new one.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {
+    1: (
+        """CREATE TABLE issued_cards (
+               card_uuid     TEXT PRIMARY KEY,
+               service_id    TEXT NOT NULL,
+               kind          TEXT NOT NULL,
+               hook_instance TEXT NOT NULL,
+               patient_hash  TEXT NOT NULL,
+               issued_at     TEXT NOT NULL)""",
+        "CREATE INDEX issued_cards_issued_at ON issued_cards (issued_at)",
+        """CREATE TABLE issued_suggestions (
+               card_uuid       TEXT NOT NULL REFERENCES issued_cards (card_uuid),
+               suggestion_uuid TEXT NOT NULL,
+               PRIMARY KEY (card_uuid, suggestion_uuid))""",
+        """CREATE TABLE feedback (
+               id                   {id},
+               dedup_key            TEXT NOT NULL UNIQUE,
+               service_id           TEXT NOT NULL,
+               card_uuid            TEXT NOT NULL,
+               outcome              TEXT NOT NULL,
+               accepted_suggestions TEXT NOT NULL,
+               reason_system        TEXT,
+               reason_code          TEXT,
+               reason_display       TEXT,
+               user_comment         TEXT,
+               outcome_timestamp    TEXT NOT NULL,
+               received_at          TEXT NOT NULL,
+               unknown_card         INTEGER NOT NULL,
+               unknown_suggestions  INTEGER NOT NULL)""",
+        "CREATE INDEX feedback_card ON feedback (card_uuid)",
+        "CREATE INDEX feedback_received_at ON feedback (received_at)",
+        """CREATE TABLE jti_seen (
+               issuer     TEXT NOT NULL,
+               jti        TEXT NOT NULL,
+               expires_at DOUBLE PRECISION NOT NULL,
+               PRIMARY KEY (issuer, jti))""",
+        "CREATE INDEX jti_seen_expires_at ON jti_seen (expires_at)",
+    ),
+}
+_ID_COLUMN = {
+    "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
+    "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
+}
+_PG_MIGRATION_LOCK = 0x0B12CD5  # pg_advisory_xact_lock key serialising concurrent migrations
+
+
+@dataclass(frozen=True)
+class IssuedCard:
+    """A card the service returned: its uuid, its kind (rule id) and its suggestions' uuids."""
+
+    card_uuid: str
+    kind: str
+    suggestion_uuids: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class SaveResult:
+    """Outcome of `Store.save_feedback`."""
+
+    stored: int
+    """Entries newly written."""
+    duplicates: int
+    """Entries identical to one already stored (idempotent re-sends); nothing written."""
+    unknown_cards: tuple[int, ...] = ()
+    """Indexes (in the request) of entries whose card this service never issued (stored, flagged)."""
+
+
+def utc_now_text() -> str:
+    """Current UTC time in the storage text format (sortable as text)."""
+    return timestamp_text(datetime.now(timezone.utc))
+
+
+def timestamp_text(moment: datetime) -> str:
+    """`YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC: fixed width, so text order is time order."""
+    if moment.tzinfo is None:
+        raise ValueError("timestamp must be timezone-aware")
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
 class Store:
+    """Database access for issued cards, feedback and the JWT replay cache."""
+
+    def __init__(self, dialect: str, *, sqlite_path: Path | None = None, database_url: str = "",
+                 patient_hash_key: bytes) -> None:
+        """Use `Store.open(settings)`; this constructor does not touch the database."""
+        self.dialect = dialect
+        self._sqlite_path = sqlite_path
+        self._database_url = database_url
+        self._patient_key = patient_hash_key
+        self._local = threading.local()
+        self._all_conns: list[tuple[int, Any]] = []
+        self._conns_lock = threading.Lock()
+        self._next_purge = 0.0
+
+    # ---------------------------------------------------------------------------------------
+    # Opening, connections, migrations
+    # ---------------------------------------------------------------------------------------
+
     @classmethod
-    def open(cls, settings):
-        return cls()
+    def open(cls, settings: Settings) -> "Store":
+        """Open the configured database and create or migrate its schema."""
+        url = settings.database_url.strip()
+        key = _patient_hash_key(settings)
+        if url:
+            if not url.startswith(("postgresql://", "postgres://")):
+                raise ValueError("CDS_DATABASE_URL must be a postgresql:// URL (or empty for SQLite)")
+            store = cls("postgresql", database_url=url, patient_hash_key=key)
+        else:
+            data_dir = Path(settings.data_dir)
+            data_dir.mkdir(parents=True, exist_ok=True)
+            store = cls("sqlite", sqlite_path=data_dir / SQLITE_FILENAME, patient_hash_key=key)
+        store._migrate()
+        store.close()  # nothing stays open across a fork; workers reconnect lazily
+        return store
 
-    def record_issued_cards(self, service_id, hook_instance, patient_id, cards):
-        pass
+    def close(self) -> None:
+        """Close the connections this process opened (every thread's)."""
+        pid = os.getpid()
+        with self._conns_lock:
+            conns, self._all_conns = self._all_conns, []
+        for owner, conn in conns:
+            if owner == pid:
+                try:
+                    conn.close()
+                except Exception:  # noqa: BLE001 - closing a broken connection
+                    pass
+        self._local = threading.local()
 
-    def remember_jti(self, issuer, jti, expires_at):
-        return True
+    def _connection(self) -> Any:
+        """This thread's connection in this process, opened on first use."""
+        pid = os.getpid()
+        conn = getattr(self._local, "conn", None)
+        if conn is not None and self._local.pid == pid and not _is_broken(conn):
+            return conn
+        if conn is not None and self._local.pid == pid:
+            try:
+                conn.close()
+            except Exception:  # noqa: BLE001
+                pass
+        conn = self._connect()
+        self._local.conn, self._local.pid = conn, pid
+        with self._conns_lock:
+            # forget connections inherited from a parent process without closing them
+            self._all_conns = [(o, c) for o, c in self._all_conns if o == pid and c is not conn]
+            self._all_conns.append((pid, conn))
+        return conn
+
+    def _connect(self) -> Any:
+        if self.dialect == "sqlite":
+            assert self._sqlite_path is not None
+            conn = sqlite3.connect(self._sqlite_path, timeout=BUSY_TIMEOUT_MS / 1000,
+                                   isolation_level=None, check_same_thread=False)
+            conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            return conn
+        import psycopg
+
+        return psycopg.connect(self._database_url, autocommit=True, connect_timeout=10,
+                               application_name="b12-cds")
+
+    @contextmanager
+    def _transaction(self, write: bool = True) -> Iterator["_Cursor"]:
+        """One transaction, committed on success and rolled back on error.
+
+        Yields a cursor wrapper taking `?` placeholders.  SQLite write transactions take the
+        write lock at BEGIN (`BEGIN IMMEDIATE`), so they never fail half-way on lock upgrade.
+        """
+        conn = self._connection()
+        if self.dialect == "sqlite":
+            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            try:
+                yield _Cursor(conn.cursor(), self.dialect)
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+        else:
+            with conn.transaction(), conn.cursor() as cur:
+                yield _Cursor(cur, self.dialect)
+
+    def _migrate(self) -> None:
+        with self._transaction() as cur:
+            if self.dialect == "postgresql":
+                cur.execute(f"SELECT pg_advisory_xact_lock({_PG_MIGRATION_LOCK})")
+            cur.execute("CREATE TABLE IF NOT EXISTS schema_version (version INTEGER NOT NULL)")
+            row = cur.execute("SELECT max(version) FROM schema_version").fetchone()
+            current = row[0] or 0
+            if current > SCHEMA_VERSION:
+                raise RuntimeError(f"database schema version {current} is newer than this code "
+                                   f"({SCHEMA_VERSION}); upgrade the service")
+            for version in range(current + 1, SCHEMA_VERSION + 1):
+                for statement in _MIGRATIONS[version]:
+                    cur.execute(statement.replace("{id}", _ID_COLUMN[self.dialect]))
+                cur.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
+                log.info("schema migrated", extra={"event": "schema_migrated", "count": version})
+
+    def schema_version(self) -> int:
+        """The schema version recorded in the database."""
+        with self._transaction(write=False) as cur:
+            return int(cur.execute("SELECT max(version) FROM schema_version").fetchone()[0])
+
+    # ---------------------------------------------------------------------------------------
+    # Issued cards
+    # ---------------------------------------------------------------------------------------
+
+    def patient_hash(self, patient_id: str) -> str:
+        """Keyed HMAC-SHA256 (hex) of a patient id; the id itself is never stored."""
+        return hmac.new(self._patient_key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
+
+    def record_issued_cards(self, service_id: str, hook_instance: str, patient_id: str,
+                            cards: Sequence[IssuedCard]) -> None:
+        """Remember the cards returned by one hook call (one transaction; re-recording is a no-op)."""
+        if not cards:
+            return
+        patient = self.patient_hash(patient_id)
+        now = utc_now_text()
+        with self._transaction() as cur:
+            for card in cards:
+                cur.execute(
+                    "INSERT INTO issued_cards (card_uuid, service_id, kind, hook_instance,"
+                    " patient_hash, issued_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (card_uuid) DO NOTHING",
+                    (card.card_uuid, service_id, card.kind, hook_instance, patient, now))
+                for suggestion in dict.fromkeys(card.suggestion_uuids):
+                    cur.execute(
+                        "INSERT INTO issued_suggestions (card_uuid, suggestion_uuid) VALUES (?, ?)"
+                        " ON CONFLICT (card_uuid, suggestion_uuid) DO NOTHING",
+                        (card.card_uuid, suggestion))
+
+    # ---------------------------------------------------------------------------------------
+    # Feedback
+    # ---------------------------------------------------------------------------------------
+
+    def save_feedback(self, service_id: str, entries: Sequence[dict[str, Any]]) -> SaveResult:
+        """Store validated feedback entries in one transaction.
+
+        Entries have the CDS Hooks wire shape (`card`, `outcome`, `acceptedSuggestions`,
+        `overrideReason`, `outcomeTimestamp`) and were validated by the HTTP layer.  An entry
+        equal to one already stored (same service, card, outcome, accepted suggestion ids,
+        reason system/code, comment and timestamp) is not stored again.  Entries for a card this
+        service never issued, or naming suggestions the card did not have, are stored and flagged.
+        """
+        received = utc_now_text()
+        stored = duplicates = 0
+        unknown: list[int] = []
+        with self._transaction() as cur:
+            for index, entry in enumerate(entries):
+                row = _feedback_row(service_id, entry)
+                known = cur.execute(
+                    "SELECT 1 FROM issued_cards WHERE card_uuid = ? AND service_id = ?",
+                    (row["card_uuid"], service_id)).fetchone() is not None
+                unknown_suggestions = False
+                if known:
+                    accepted = json.loads(row["accepted_suggestions"])
+                    if accepted:
+                        issued = {r[0] for r in cur.execute(
+                            "SELECT suggestion_uuid FROM issued_suggestions WHERE card_uuid = ?",
+                            (row["card_uuid"],)).fetchall()}
+                        unknown_suggestions = not set(accepted) <= issued
+                else:
+                    unknown.append(index)
+                cur.execute(
+                    "INSERT INTO feedback (dedup_key, service_id, card_uuid, outcome,"
+                    " accepted_suggestions, reason_system, reason_code, reason_display,"
+                    " user_comment, outcome_timestamp, received_at, unknown_card,"
+                    " unknown_suggestions) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT (dedup_key) DO NOTHING",
+                    (row["dedup_key"], service_id, row["card_uuid"], row["outcome"],
+                     row["accepted_suggestions"], row["reason_system"], row["reason_code"],
+                     row["reason_display"], row["user_comment"], row["outcome_timestamp"],
+                     received, int(not known), int(unknown_suggestions)))
+                if cur.rowcount == 1:
+                    stored += 1
+                else:
+                    duplicates += 1
+        return SaveResult(stored=stored, duplicates=duplicates, unknown_cards=tuple(unknown))
+
+    def feedback_rows(self) -> list[dict[str, Any]]:
+        """Every stored feedback entry, oldest first (for tests and exports)."""
+        with self._transaction(write=False) as cur:
+            cur.execute("SELECT id, service_id, card_uuid, outcome, accepted_suggestions,"
+                        " reason_system, reason_code, reason_display, user_comment,"
+                        " outcome_timestamp, received_at, unknown_card, unknown_suggestions"
+                        " FROM feedback ORDER BY id")
+            names = [d[0] for d in cur.description]
+            rows = [dict(zip(names, r)) for r in cur.fetchall()]
+        for row in rows:
+            row["accepted_suggestions"] = json.loads(row["accepted_suggestions"])
+            row["unknown_card"] = bool(row["unknown_card"])
+            row["unknown_suggestions"] = bool(row["unknown_suggestions"])
+        return rows
+
+    def feedback_report(self, since: date | None = None) -> dict[str, Any]:
+        """Acceptance per card kind.
+
+        Counts cards issued on or after `since` (UTC date; all when None).  A card's outcome is
+        its latest reported one (by `outcomeTimestamp`, then arrival), so a card reported twice
+        counts once.  `acceptance_rate` = accepted / (accepted + overridden), None when no card
+        of the kind got feedback.  Override reasons are counted from the cards' final
+        overridden reports.  Feedback for cards the service never issued is counted apart
+        (by arrival date for `since`).
+        """
+        since_text = since.isoformat() if since else ""
+        with self._transaction(write=False) as cur:
+            issued = dict(cur.execute(
+                "SELECT kind, count(*) FROM issued_cards WHERE issued_at >= ? GROUP BY kind",
+                (since_text,)).fetchall())
+            final_rows = cur.execute(
+                "SELECT c.kind, f.outcome, f.reason_system, f.reason_code, f.reason_display,"
+                " f.user_comment FROM ("
+                "   SELECT card_uuid, outcome, reason_system, reason_code, reason_display,"
+                "          user_comment, ROW_NUMBER() OVER (PARTITION BY card_uuid"
+                "          ORDER BY outcome_timestamp DESC, id DESC) AS rn"
+                "   FROM feedback WHERE unknown_card = 0) f"
+                " JOIN issued_cards c ON c.card_uuid = f.card_uuid"
+                " WHERE f.rn = 1 AND c.issued_at >= ?", (since_text,)).fetchall()
+            unknown_entries, unknown_cards = cur.execute(
+                "SELECT count(*), count(DISTINCT card_uuid) FROM feedback"
+                " WHERE unknown_card = 1 AND received_at >= ?", (since_text,)).fetchone()
+
+        kinds: dict[str, dict[str, Any]] = {
+            kind: _empty_kind(kind, count) for kind, count in issued.items()}
+        reasons: dict[str, dict[tuple[str, str], dict[str, Any]]] = {}
+        for kind, outcome, system, code, display, comment in final_rows:
+            item = kinds.setdefault(kind, _empty_kind(kind, 0))
+            if outcome == "accepted":
+                item["accepted"] += 1
+                continue
+            item["overridden"] += 1
+            if code is None:
+                item["overridden_without_coded_reason"] += 1
+                if comment:
+                    item["overridden_with_comment_only"] += 1
+                continue
+            slot = reasons.setdefault(kind, {}).setdefault(
+                (system, code), {"system": system, "code": code, "display": display, "count": 0})
+            slot["count"] += 1
+        for kind, item in kinds.items():
+            decided = item["accepted"] + item["overridden"]
+            item["with_feedback"] = decided
+            item["acceptance_rate"] = round(item["accepted"] / decided, 4) if decided else None
+            item["override_reasons"] = sorted(reasons.get(kind, {}).values(),
+                                              key=lambda r: (-r["count"], r["system"], r["code"]))
+        totals = {name: sum(k[name] for k in kinds.values())
+                  for name in ("issued", "with_feedback", "accepted", "overridden")}
+        decided = totals["accepted"] + totals["overridden"]
+        totals["acceptance_rate"] = round(totals["accepted"] / decided, 4) if decided else None
+        return {
+            "since": since.isoformat() if since else None,
+            "generated_at": utc_now_text(),
+            "kinds": [kinds[k] for k in sorted(kinds)],
+            "totals": totals,
+            "unknown_card_feedback": {"entries": int(unknown_entries), "cards": int(unknown_cards)},
+        }
+
+    # ---------------------------------------------------------------------------------------
+    # JWT replay cache
+    # ---------------------------------------------------------------------------------------
+
+    def remember_jti(self, issuer: str, jti: str, expires_at: float) -> bool:
+        """Record a JWT id; True when new (or its earlier record has expired), False on replay.
+
+        Atomic across threads, processes and replicas: the decision is the row count of a single
+        `INSERT ... ON CONFLICT DO NOTHING` (or of the conditional refresh of an expired row).
+        """
+        now = time.time()
+        with self._transaction() as cur:
+            cur.execute("INSERT INTO jti_seen (issuer, jti, expires_at) VALUES (?, ?, ?)"
+                        " ON CONFLICT (issuer, jti) DO NOTHING", (issuer, jti, expires_at))
+            fresh = cur.rowcount == 1
+            if not fresh:
+                cur.execute("UPDATE jti_seen SET expires_at = ? WHERE issuer = ? AND jti = ?"
+                            " AND expires_at < ?", (expires_at, issuer, jti, now))
+                fresh = cur.rowcount == 1
+        if now >= self._next_purge:
+            self._next_purge = now + JTI_PURGE_INTERVAL_SECONDS
+            self.purge_expired_jti(now)
+        return fresh
+
+    def purge_expired_jti(self, now: float | None = None) -> int:
+        """Delete replay-cache rows that expired before `now`; returns how many."""
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM jti_seen WHERE expires_at < ?",
+                        (time.time() if now is None else now,))
+            return cur.rowcount
+
+
+# -------------------------------------------------------------------------------------------
+# Helpers
+# -------------------------------------------------------------------------------------------
+
+
+class _Cursor:
+    """Thin cursor wrapper: `?` placeholders on both dialects; `execute` returns itself."""
+
+    def __init__(self, cursor: Any, dialect: str) -> None:
+        self._cursor = cursor
+        self._pg = dialect == "postgresql"
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> "_Cursor":
+        self._cursor.execute(sql.replace("?", "%s") if self._pg else sql, params)
+        return self
+
+    def fetchone(self) -> Any:
+        return self._cursor.fetchone()
+
+    def fetchall(self) -> list[Any]:
+        return self._cursor.fetchall()
+
+    @property
+    def rowcount(self) -> int:
+        return self._cursor.rowcount
+
+    @property
+    def description(self) -> Any:
+        return self._cursor.description
+
+
+def _is_broken(conn: Any) -> bool:
+    return bool(getattr(conn, "broken", False) or getattr(conn, "closed", False) is True)
+
+
+def _empty_kind(kind: str, issued: int) -> dict[str, Any]:
+    return {"kind": kind, "issued": issued, "with_feedback": 0, "accepted": 0, "overridden": 0,
+            "acceptance_rate": None, "override_reasons": [],
+            "overridden_without_coded_reason": 0, "overridden_with_comment_only": 0}
+
+
+def _feedback_row(service_id: str, entry: dict[str, Any]) -> dict[str, Any]:
+    """Columns for one validated feedback entry, with its idempotency key."""
+    accepted = sorted({s["id"] for s in entry.get("acceptedSuggestions") or ()})
+    override = entry.get("overrideReason") or {}
+    reason = override.get("reason") or {}
+    timestamp = normalise_timestamp(entry["outcomeTimestamp"])
+    identity = [service_id, entry["card"], entry["outcome"], accepted, reason.get("system"),
+                reason.get("code"), override.get("userComment"), timestamp]
+    dedup = hashlib.sha256(json.dumps(identity, separators=(",", ":")).encode()).hexdigest()
+    return {
+        "dedup_key": dedup, "card_uuid": entry["card"], "outcome": entry["outcome"],
+        "accepted_suggestions": json.dumps(accepted), "reason_system": reason.get("system"),
+        "reason_code": reason.get("code"), "reason_display": reason.get("display"),
+        "user_comment": override.get("userComment"), "outcome_timestamp": timestamp,
+    }
+
+
+def normalise_timestamp(value: str) -> str:
+    """An RFC 3339 timestamp in the fixed-width UTC storage format."""
+    moment = datetime.fromisoformat(value.replace("z", "Z").replace("Z", "+00:00"))
+    return timestamp_text(moment)
+
+
+def _patient_hash_key(settings: Settings) -> bytes:
+    """The configured key, else the key file in `data_dir` (created once, mode 0600).
+
+    Creation is race-free across workers: the key is written to a private temporary file and
+    hard-linked into place; a worker that loses the race reads the winner's file.
+    """
+    if settings.patient_hash_key:
+        return settings.patient_hash_key.encode("utf-8")
+    data_dir = Path(settings.data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    path = data_dir / PATIENT_KEY_FILENAME
+    if not path.exists():
+        tmp = data_dir / f".{PATIENT_KEY_FILENAME}.{os.getpid()}.{secrets.token_hex(4)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, secrets.token_hex(32).encode("ascii"))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            pass
+        finally:
+            os.unlink(tmp)
+    key = path.read_bytes().strip()
+    if len(key) < 32:
+        raise RuntimeError(f"{path} does not hold a usable key; delete it or set CDS_PATIENT_HASH_KEY")
+    return key
