@@ -1,0 +1,188 @@
+"""Discovery and hook calls.
+
+The hook call reads top to bottom: authenticate, parse and check the request, gather the
+patient's data (prefetch, else the FHIR server), evaluate (facts -> rules -> cards), record the
+issued cards, answer.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import orjson
+from flask import Blueprint, Request, Response, g, request
+
+from cds_service import metrics
+from cds_service.app import services
+from cds_service.http.errors import json_response
+from cds_service.logs import get_logger
+from cds_service.protocol import CdsError, cards_response, parse_hook_request
+
+blueprint = Blueprint("hooks", __name__)
+log = get_logger("hooks")
+
+JSON_CONTENT_TYPES = ("application/json", "application/fhir+json")
+
+
+@dataclass(frozen=True)
+class ServiceDefinition:
+    id: str
+    hook: str
+    title: str
+    description: str
+    usage_requirements: str
+
+
+@lru_cache(maxsize=8)
+def load_service_definitions(cards_dir: str) -> dict[str, ServiceDefinition]:
+    """The services offered, from `<cards_dir>/services.json` (data a deployment can replace)."""
+    raw = json.loads((Path(cards_dir) / "services.json").read_text(encoding="utf-8"))
+    return {
+        s["id"]: ServiceDefinition(id=s["id"], hook=s["hook"], title=s["title"],
+                                   description=s["description"],
+                                   usage_requirements=s["usageRequirements"])
+        for s in raw["services"]
+    }
+
+
+def service_definitions() -> dict[str, ServiceDefinition]:
+    return load_service_definitions(services().settings.cards_dir)
+
+
+def prefetch_templates(hook: str) -> dict[str, str]:
+    s = services()
+    return s.patient_data.prefetch_templates(hook, s.engine)
+
+
+@blueprint.get("/cds-services")
+def discovery() -> Response:
+    """CDS Hooks discovery: one service per hook, with the prefetch templates the rules need."""
+    entries = []
+    for svc in service_definitions().values():
+        entries.append({
+            "hook": svc.hook,
+            "id": svc.id,
+            "title": svc.title,
+            "description": svc.description,
+            "prefetch": prefetch_templates(svc.hook),
+            "usageRequirements": svc.usage_requirements,
+        })
+    return json_response({"services": entries})
+
+
+@blueprint.post("/cds-services/<service_id>")
+def call_service(service_id: str) -> Response:
+    started = time.perf_counter()
+    svc = service_definitions().get(service_id)
+    if svc is None:
+        raise CdsError(404, f"unknown CDS service {service_id[:64]!r}")
+    status = 500
+    try:
+        response = _evaluate_hook(svc)
+        status = response.status_code
+        return response
+    except CdsError as err:
+        status = err.status
+        raise
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.REQUESTS.labels(service_id, str(status)).inc()
+        metrics.LATENCY.labels(service_id).observe(elapsed)
+        log.info("hook", extra={"event": "hook", "service": service_id, "status": status,
+                                "hook_instance": g.get("hook_instance"),
+                                "duration_ms": round(elapsed * 1000, 2), **g.get("log_counts", {})})
+
+
+def _evaluate_hook(svc: ServiceDefinition) -> Response:
+    s = services()
+    s.verifier.verify(request)
+    body = read_json_body(request, max_depth=s.settings.max_json_depth)
+    hook_request = parse_hook_request(body, svc.hook, max_string_length=s.settings.max_string_length)
+    g.hook_instance = hook_request.hook_instance
+
+    gathered = s.patient_data.gather(hook_request, prefetch_templates(svc.hook))
+    evaluation = s.engine.evaluate(gathered.record, hook_request)
+    _record_issued(svc.id, hook_request, evaluation)
+
+    metrics.FHIR_CALLS.inc(gathered.fhir_calls)
+    metrics.FHIR_FAILURES.inc(len(gathered.failed_keys))
+    g.log_counts = {
+        "cards": len(evaluation.cards),
+        "card_kinds": sorted(set(evaluation.card_kinds.values())) or None,
+        "reason": getattr(evaluation.decision, "reason", None),
+        "keys_fetched": list(gathered.fetched_keys) or None,
+        "keys_failed": list(gathered.failed_keys) or None,
+        "fhir_calls": gathered.fhir_calls or None,
+        "skipped_resources": (gathered.skipped_resources + evaluation.skipped_resources) or None,
+    }
+    return json_response(cards_response(evaluation.cards))
+
+
+def _record_issued(service_id: str, hook_request: Any, evaluation: Any) -> None:
+    """Remember each card issued so feedback can be tied to its kind (patient id is hashed)."""
+    from cds_service.store import IssuedCard
+
+    if not evaluation.cards:
+        return
+    issued = [
+        IssuedCard(card_uuid=card.uuid, kind=evaluation.card_kinds.get(card.uuid, "unknown"),
+                   suggestion_uuids=tuple(sg.uuid for sg in card.suggestions or ()))
+        for card in evaluation.cards
+    ]
+    services().store.record_issued_cards(service_id, hook_request.hook_instance,
+                                         hook_request.context.patient_id, issued)
+    for card in issued:
+        metrics.CARDS_ISSUED.labels(card.kind).inc()
+
+
+def read_json_body(req: Request, *, max_depth: int) -> Any:
+    """Parse a JSON request body: 415 if not JSON, 413 if too large, 400 if malformed or too deep.
+
+    The depth limit covers the request envelope (everything except the contents of `prefetch`
+    values, which can be megabytes of FHIR data: walking them would cost more than parsing).
+    Prefetch contents are bounded by orjson's own 1024-level limit and are never walked
+    recursively by this service.
+    """
+    mimetype = (req.mimetype or "").lower()
+    if mimetype not in JSON_CONTENT_TYPES:
+        raise CdsError(415, "request body must be application/json")
+    raw = req.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as err:
+        raise CdsError(400, f"request body is not valid JSON ({_short_reason(err)})") from None
+    if isinstance(body, dict):
+        envelope = {k: v for k, v in body.items() if k != "prefetch"}
+        if isinstance(body.get("prefetch"), dict):
+            envelope["prefetch"] = dict.fromkeys(body["prefetch"])
+        depth = json_depth(envelope, max_depth)
+        if depth > max_depth:
+            raise CdsError(400, f"request JSON is nested deeper than {max_depth} levels")
+    return body
+
+
+def _short_reason(err: Exception) -> str:
+    text = str(err)
+    return text.split(":", 1)[0][:80]
+
+
+def json_depth(value: Any, limit: int) -> int:
+    """Nesting depth of `value`, counting stops once `limit` is exceeded (iterative, no recursion)."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > deepest:
+            deepest = depth
+            if deepest > limit:
+                return deepest
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values() if isinstance(v, (dict, list)))
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node if isinstance(v, (dict, list)))
+    return deepest

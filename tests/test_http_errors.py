@@ -1,0 +1,125 @@
+"""Every error status answers with an OperationOutcome and CORS headers; never a stack trace."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+PV = "/cds-services/b12-neck-pain-patient-view"
+ORIGIN = {"Origin": "https://ehr.example.org"}
+
+
+def assert_outcome(resp, status, text=None):
+    assert resp.status_code == status
+    assert resp.mimetype == "application/json"
+    body = resp.get_json()
+    assert body["resourceType"] == "OperationOutcome"
+    assert body["issue"] and body["issue"][0]["severity"] in ("error", "fatal")
+    if text:
+        assert text in body["issue"][0]["diagnostics"]
+    assert "Traceback" not in resp.get_data(as_text=True)
+    return body
+
+
+def test_unknown_service_is_404(client):
+    assert_outcome(client.post("/cds-services/nope", json={}), 404, "unknown CDS service")
+
+
+def test_unknown_route_is_404(client):
+    assert_outcome(client.get("/nothing-here"), 404)
+
+
+def test_wrong_method_is_405(client):
+    assert_outcome(client.get(PV), 405)
+    assert_outcome(client.delete("/cds-services"), 405)
+
+
+def test_not_json_is_415(client):
+    assert_outcome(client.post(PV, data="hook=patient-view", content_type="text/plain"), 415)
+    assert_outcome(client.post(PV, data="x"), 415)
+
+
+@pytest.mark.parametrize("raw", [b"{", b"[1,", b"\xff\xfe", b'{"hook": "patient-view",}', b""])
+def test_malformed_json_is_400(client, raw):
+    assert_outcome(client.post(PV, data=raw, content_type="application/json"), 400, "not valid JSON")
+
+
+@pytest.mark.parametrize("body,field", [
+    ([], None), ("text", None), (42, None),
+    ({"hookInstance": "h", "context": {"userId": "Practitioner/1", "patientId": "p"}}, "hook"),
+    ({"hook": "patient-view", "hookInstance": "h", "context": {"userId": "Practitioner/1"}},
+     "context.patientId"),
+    ({"hook": "patient-view", "hookInstance": "h", "context": "oops"}, "context"),
+    ({"hook": "order-sign", "hookInstance": "h", "context": {"userId": "Practitioner/1", "patientId": "p"}},
+     "hook"),
+])
+def test_invalid_request_is_400_naming_the_field(client, body, field):
+    out = assert_outcome(client.post(PV, json=body), 400)
+    if field:
+        assert out["issue"][0]["expression"] == [field]
+
+
+def test_body_too_large_is_413(make_app):
+    client = make_app(max_body_bytes=1024).test_client()
+    body = {"hook": "patient-view", "hookInstance": "h", "padding": "x" * 5000,
+            "context": {"userId": "Practitioner/1", "patientId": "p"}}
+    assert_outcome(client.post(PV, data=json.dumps(body), content_type="application/json"), 413)
+
+
+def test_too_deep_json_is_400(make_app):
+    client = make_app(max_json_depth=10).test_client()
+    deep: dict = {}
+    node = deep
+    for _ in range(20):
+        node["x"] = {}
+        node = node["x"]
+    body = {"hook": "patient-view", "hookInstance": "h",
+            "context": {"userId": "Practitioner/1", "patientId": "p", "extension": deep}}
+    assert_outcome(client.post(PV, json=body), 400, "nested deeper")
+
+
+def test_pathologically_deep_prefetch_is_400_not_500(client):
+    raw = b'{"hook":"patient-view","hookInstance":"h","context":{"userId":"Practitioner/1","patientId":"p"},' \
+          b'"prefetch":{"x":' + b"[" * 5000 + b"]" * 5000 + b"}}"
+    assert_outcome(client.post(PV, data=raw, content_type="application/json"), 400)
+
+
+def test_unexpected_exception_is_a_500_outcome_without_details(make_app, monkeypatch):
+    app = make_app()
+    svc = app.extensions["cds"]
+
+    def boom(*a, **k):
+        raise RuntimeError("patient Jane Doe secret detail")
+
+    monkeypatch.setattr(svc.engine, "evaluate", boom)
+    monkeypatch.setattr(svc.patient_data, "gather", boom)
+    resp = app.test_client().post(PV, json={"hook": "patient-view", "hookInstance": "h-500",
+                                            "context": {"userId": "Practitioner/1", "patientId": "p"},
+                                            "prefetch": {"patient": None}}, headers=ORIGIN)
+    body = assert_outcome(resp, 500)
+    assert "Jane" not in json.dumps(body)
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_cors_headers_on_success_and_errors(client):
+    for resp in (client.get("/cds-services", headers=ORIGIN), client.post("/cds-services/nope", json={}, headers=ORIGIN),
+                 client.post(PV, data="x", headers=ORIGIN)):
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_cors_preflight_allows_authorization_header(client):
+    resp = client.options(PV, headers={**ORIGIN, "Access-Control-Request-Method": "POST",
+                                       "Access-Control-Request-Headers": "authorization, content-type"})
+    assert resp.status_code == 200
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+    assert "POST" in resp.headers["Access-Control-Allow-Methods"]
+    assert "authorization" in resp.headers["Access-Control-Allow-Headers"].lower()
+
+
+def test_cors_origins_are_configurable(make_app):
+    client = make_app(cors_origins="https://ehr.example.org").test_client()
+    ok = client.get("/cds-services", headers=ORIGIN)
+    assert ok.headers["Access-Control-Allow-Origin"] == "https://ehr.example.org"
+    other = client.get("/cds-services", headers={"Origin": "https://evil.example.com"})
+    assert "Access-Control-Allow-Origin" not in other.headers
