@@ -246,6 +246,11 @@ class Store:
                 cur.execute("INSERT INTO schema_version (version) VALUES (?)", (version,))
                 log.info("schema migrated", extra={"event": "schema_migrated", "count": version})
 
+    def ping(self) -> None:
+        """Raise if the database does not answer (readiness check)."""
+        with self._transaction(write=False) as cur:
+            cur.execute("SELECT 1").fetchone()
+
     def schema_version(self) -> int:
         """The schema version recorded in the database."""
         with self._transaction(write=False) as cur:

@@ -1,9 +1,88 @@
-"""PLACEHOLDER (replaced wholesale by its owner)."""
+"""`b12-cds feedback-report [--since DATE] [--json]`: acceptance of the cards issued, per card kind.
+
+Reads the store configured by the `CDS_*` environment (`CDS_DATA_DIR` or `CDS_DATABASE_URL`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import date
+from typing import Any, TextIO
+
+from cds_service.config import Settings
+from cds_service.store import Store
 
 
-def add_arguments(parser):
-    pass
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--since", type=_date, metavar="YYYY-MM-DD",
+                        help="only cards issued on or after this UTC date")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
 
 
-def run(args):
-    raise SystemExit("not implemented yet")
+def run(args: argparse.Namespace) -> int:
+    store = Store.open(Settings.from_env())
+    try:
+        report = store.feedback_report(args.since)
+    finally:
+        store.close()
+    if args.json:
+        json.dump(report, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        print_table(report, sys.stdout)
+    return 0
+
+
+def print_table(report: dict[str, Any], out: TextIO) -> None:
+    """Write the report as a fixed-width table followed by the override reasons per kind."""
+    headers = ("card kind", "issued", "feedback", "accepted", "overridden", "acceptance")
+    rows = [(k["kind"], k["issued"], k["with_feedback"], k["accepted"], k["overridden"],
+             _rate(k["acceptance_rate"])) for k in report["kinds"]]
+    t = report["totals"]
+    rows.append(("TOTAL", t["issued"], t["with_feedback"], t["accepted"], t["overridden"],
+                 _rate(t["acceptance_rate"])))
+    widths = [max(len(str(r[i])) for r in (headers, *rows)) for i in range(len(headers))]
+
+    def line(cells: tuple[Any, ...]) -> str:
+        first = str(cells[0]).ljust(widths[0])
+        rest = (str(c).rjust(w) for c, w in zip(cells[1:], widths[1:]))
+        return "  ".join((first, *rest))
+
+    scope = f"cards issued since {report['since']}" if report["since"] else "all cards"
+    out.write(f"Feedback report ({scope}; generated {report['generated_at']})\n\n")
+    out.write(line(headers) + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    for row in rows[:-1]:
+        out.write(line(row) + "\n")
+    out.write("  ".join("-" * w for w in widths) + "\n")
+    out.write(line(rows[-1]) + "\n")
+
+    for kind in report["kinds"]:
+        if not kind["overridden"]:
+            continue
+        out.write(f"\nOverride reasons for {kind['kind']}:\n")
+        for reason in kind["override_reasons"]:
+            label = reason.get("display") or f"{reason['system']}|{reason['code']}"
+            out.write(f"  {reason['count']:>6}  {label}\n")
+        if kind["overridden_with_comment_only"]:
+            out.write(f"  {kind['overridden_with_comment_only']:>6}  (comment only)\n")
+        no_reason = kind["overridden_without_coded_reason"] - kind["overridden_with_comment_only"]
+        if no_reason:
+            out.write(f"  {no_reason:>6}  (no reason given)\n")
+    unknown = report["unknown_card_feedback"]
+    if unknown["entries"]:
+        out.write(f"\nFeedback for cards this service never issued: {unknown['entries']} entries "
+                  f"on {unknown['cards']} cards\n")
+
+
+def _rate(value: float | None) -> str:
+    return "-" if value is None else f"{value * 100:.1f}%"
+
+
+def _date(text: str) -> date:
+    try:
+        return date.fromisoformat(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a date (YYYY-MM-DD): {text!r}") from None
