@@ -1,0 +1,604 @@
+"""JWT verification of CDS client calls (issue #4): one test per rejection, accepted token shapes,
+JWKS caching, the shared replay cache, the demo signer, and log safety."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import flask
+import pytest
+from pytest_httpserver import HTTPServer
+
+from cds_service.config import Settings
+from cds_service.logs import LOGGER_NAME, JsonFormatter
+from cds_service.protocol import CdsError
+from cds_service.security import DemoIssuer, RequestVerifier, expected_audience
+from tests.jwt_helpers import (
+    SANDBOX_ISSUER,
+    SANDBOX_KID,
+    SigningIssuer,
+    hs256_with_public_key,
+    jwks_of,
+    make_issuer,
+    sandbox_issuer,
+    tamper_payload,
+    trusted_issuers_json,
+    unsigned_token,
+    write_jwks,
+)
+
+BASE = "https://cds.example.org"
+PATH = "/cds-services/b12-neck-pain-patient-view"
+AUD = BASE + PATH
+
+_app = flask.Flask("security-tests")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fixtures and helpers
+# ---------------------------------------------------------------------------------------------
+
+
+class MemoryJtiStore:
+    """In-memory stand-in for `Store.remember_jti` (shared by several verifiers = several workers)."""
+
+    def __init__(self) -> None:
+        self.seen: dict[tuple[str, str], float] = {}
+
+    def remember_jti(self, issuer: str, jti: str, expires_at: float) -> bool:
+        key = (issuer, jti)
+        if key in self.seen and self.seen[key] > time.time():
+            return False
+        self.seen[key] = expires_at
+        return True
+
+
+class FakeClock:
+    """A monotonic clock the tests advance by hand (drives JWKS cache expiry only)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class LogCapture(logging.Handler):
+    """Collects records of the `cds_service` logger and their JSON rendering."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.records: list[logging.LogRecord] = []
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append(record)
+        self.lines.append(JsonFormatter().format(record))
+
+    def reasons(self) -> list[str]:
+        return [r.reason for r in self.records if getattr(r, "event", None) == "auth_rejected"]
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+@pytest.fixture
+def auth_log() -> Iterator[LogCapture]:
+    logger = logging.getLogger(LOGGER_NAME)
+    handler, old_level = LogCapture(), logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    yield handler
+    logger.removeHandler(handler)
+    logger.setLevel(old_level)
+
+
+@pytest.fixture(scope="module")
+def jwks_server() -> Iterator[HTTPServer]:
+    server = HTTPServer(host="127.0.0.1", port=0)
+    server.start()
+    yield server
+    server.clear()
+    server.stop()
+
+
+@pytest.fixture
+def server(jwks_server: HTTPServer) -> Iterator[HTTPServer]:
+    jwks_server.clear()
+    yield jwks_server
+    jwks_server.clear()
+
+
+@pytest.fixture
+def ehr() -> SigningIssuer:
+    return make_issuer("ES384")
+
+
+def settings_for(tmp_path: Path, trusted: str = "{}", **overrides: Any) -> Settings:
+    values: dict[str, Any] = {"trusted_issuers": trusted, "data_dir": str(tmp_path / "data")}
+    values.update(overrides)
+    return Settings.from_env(values, environ={})
+
+
+def file_verifier(tmp_path: Path, issuer: SigningIssuer, store: Any = None, **entry: Any) -> RequestVerifier:
+    """A verifier trusting `issuer` with its JWKS in a file (plus any extra entry fields)."""
+    trusted = trusted_issuers_json((issuer, issuer.entry(jwks=write_jwks(tmp_path, issuer), **entry)))
+    return RequestVerifier(settings_for(tmp_path, trusted), store or MemoryJtiStore())
+
+
+def call(verifier: RequestVerifier, token: str | None = None, *, path: str = PATH, base_url: str = BASE,
+         authorization: str | None = None) -> dict[str, Any] | None:
+    """Run `verifier.verify` inside a request to `base_url + path` carrying `token`."""
+    headers = {}
+    if authorization is not None:
+        headers["Authorization"] = authorization
+    elif token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    with _app.test_request_context(path, method="POST", base_url=base_url, headers=headers):
+        return verifier.verify(flask.request)
+
+
+def assert_rejected(verifier: RequestVerifier, token: str | None, reason: str, log: LogCapture,
+                    **kwargs: Any) -> None:
+    with pytest.raises(CdsError) as info:
+        call(verifier, token, **kwargs)
+    assert info.value.status == 401
+    assert info.value.diagnostics == "unauthorized"
+    assert log.reasons()[-1] == reason
+    if token:
+        assert token not in log.text
+
+
+# ---------------------------------------------------------------------------------------------
+# Accepted tokens
+# ---------------------------------------------------------------------------------------------
+
+
+def test_es384_token_from_jwks_file_is_accepted(tmp_path: Path, ehr: SigningIssuer) -> None:
+    verifier = file_verifier(tmp_path, ehr)
+    claims = call(verifier, ehr.token(AUD))
+    assert claims is not None and claims["iss"] == ehr.iss and claims["aud"] == AUD
+
+
+def test_rs384_token_from_jwks_url_is_accepted(tmp_path: Path, server: HTTPServer) -> None:
+    ehr = make_issuer("RS384")
+    server.expect_request("/jwks").respond_with_json(ehr.jwks)
+    trusted = trusted_issuers_json((ehr, ehr.entry(jwks=server.url_for("/jwks"))))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+    assert call(verifier, ehr.token(AUD))["iss"] == ehr.iss
+
+
+@pytest.mark.parametrize("alg", ["ES256", "ES512", "RS256", "PS384"])
+def test_other_asymmetric_algorithms_are_accepted(tmp_path: Path, alg: str) -> None:
+    ehr = make_issuer(alg)
+    assert call(file_verifier(tmp_path, ehr), ehr.token(AUD)) is not None
+
+
+def test_sandbox_shaped_token_is_accepted_via_allowlisted_jku(tmp_path: Path, server: HTTPServer) -> None:
+    """ES384, `jku` + `kid` in the header, exp = iat + 300, no `sub`; issuer configured with only a jku list."""
+    jku = server.url_for("/.well-known/jwks.json")
+    sandbox = sandbox_issuer(jku)
+    server.expect_request("/.well-known/jwks.json").respond_with_json(sandbox.jwks)
+    trusted = trusted_issuers_json((sandbox, sandbox.entry(jku=[jku])))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+
+    token = sandbox.token(AUD)
+    header = json.loads(_b64decode(token.split(".")[0]))
+    assert header == {"alg": "ES384", "typ": "JWT", "kid": SANDBOX_KID, "jku": jku}
+    claims = call(verifier, token)
+    assert claims["iss"] == SANDBOX_ISSUER and "sub" not in claims
+    assert claims["exp"] - claims["iat"] == 300
+
+
+def test_aud_may_be_an_array_containing_the_endpoint(tmp_path: Path, ehr: SigningIssuer) -> None:
+    verifier = file_verifier(tmp_path, ehr)
+    assert call(verifier, ehr.token(["https://other.example.org/x", AUD])) is not None
+
+
+def test_aud_uses_public_base_url_behind_a_proxy(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    public = "https://gateway.example.org/b12/"
+    trusted = trusted_issuers_json((ehr, ehr.entry(jwks=write_jwks(tmp_path, ehr))))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted, public_base_url=public), MemoryJtiStore())
+    internal = "http://10.0.0.7:8080"
+    assert call(verifier, ehr.token("https://gateway.example.org/b12" + PATH), base_url=internal) is not None
+    assert_rejected(verifier, ehr.token(internal + PATH), "wrong_aud", auth_log, base_url=internal)
+
+
+def test_feedback_endpoint_needs_its_own_url_as_aud(tmp_path: Path, ehr: SigningIssuer,
+                                                      auth_log: LogCapture) -> None:
+    verifier = file_verifier(tmp_path, ehr)
+    feedback = PATH + "/feedback"
+    assert call(verifier, ehr.token(BASE + feedback), path=feedback) is not None
+    assert_rejected(verifier, ehr.token(AUD), "wrong_aud", auth_log, path=feedback)
+
+
+def test_tenant_on_allowlist_is_accepted(tmp_path: Path, ehr: SigningIssuer) -> None:
+    verifier = file_verifier(tmp_path, ehr, tenants=["hospital-a"])
+    assert call(verifier, ehr.token(AUD, tenant="hospital-a"))["tenant"] == "hospital-a"
+
+
+def test_small_clock_skew_is_tolerated(tmp_path: Path, ehr: SigningIssuer) -> None:
+    now = int(time.time())
+    verifier = file_verifier(tmp_path, ehr)
+    assert call(verifier, ehr.token(AUD, iat=now + 30, exp=now + 330)) is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# Rejections: one per rule
+# ---------------------------------------------------------------------------------------------
+
+
+def test_missing_authorization_header_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    assert_rejected(file_verifier(tmp_path, ehr), None, "missing_authorization", auth_log)
+
+
+def test_non_bearer_scheme_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    token = ehr.token(AUD)
+    assert_rejected(file_verifier(tmp_path, ehr), None, "not_bearer", auth_log, authorization=f"Basic {token}")
+    assert token not in auth_log.text
+
+
+def test_garbage_token_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    assert_rejected(file_verifier(tmp_path, ehr), "not-a-jwt", "malformed_token", auth_log)
+
+
+def test_alg_none_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    assert_rejected(file_verifier(tmp_path, ehr), unsigned_token(ehr, AUD), "alg_not_allowed", auth_log)
+
+
+def test_hs256_signed_with_the_public_key_is_rejected(tmp_path: Path, ehr: SigningIssuer,
+                                                     auth_log: LogCapture) -> None:
+    assert_rejected(file_verifier(tmp_path, ehr), hs256_with_public_key(ehr, AUD), "alg_not_allowed", auth_log)
+
+
+def test_wrong_aud_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    verifier = file_verifier(tmp_path, ehr)
+    assert_rejected(verifier, ehr.token(BASE + "/cds-services/b12-neck-pain-order-sign"), "wrong_aud", auth_log)
+    assert_rejected(verifier, ehr.token("https://evil.example.org" + PATH), "wrong_aud", auth_log)
+
+
+def test_expired_token_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    now = int(time.time())
+    token = ehr.token(AUD, iat=now - 400, exp=now - 100)  # beyond the 60 s leeway
+    assert_rejected(file_verifier(tmp_path, ehr), token, "expired", auth_log)
+
+
+def test_iat_in_the_future_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    now = int(time.time())
+    token = ehr.token(AUD, iat=now + 600, exp=now + 900)
+    assert_rejected(file_verifier(tmp_path, ehr), token, "not_yet_valid", auth_log)
+
+
+def test_unknown_iss_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    stranger = make_issuer("ES384", iss="https://stranger.example.org")
+    assert_rejected(file_verifier(tmp_path, ehr), stranger.token(AUD), "unknown_iss", auth_log)
+    # A trusted issuer's name on a stranger's key is a signature failure, not an acceptance.
+    forged = make_issuer("ES384", iss=ehr.iss, kid=ehr.kid)
+    assert_rejected(file_verifier(tmp_path, ehr), forged.token(AUD), "bad_signature", auth_log)
+
+
+def test_jku_off_the_allowlist_is_rejected(tmp_path: Path, server: HTTPServer, auth_log: LogCapture) -> None:
+    allowed = server.url_for("/good/jwks.json")
+    attacker = server.url_for("/attacker/jwks.json")
+    ehr = make_issuer("ES384")
+    server.expect_request("/attacker/jwks.json").respond_with_json(ehr.jwks)
+    trusted = trusted_issuers_json((ehr, ehr.entry(jku=[allowed])))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+    assert_rejected(verifier, ehr.token(AUD, headers={"jku": attacker}), "jku_not_allowed", auth_log)
+    assert len(server.log) == 0, "a jku off the allowlist must never be fetched"
+
+
+def test_unknown_kid_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    assert_rejected(file_verifier(tmp_path, ehr), ehr.token(AUD, headers={"kid": "no-such-key"}),
+                    "unknown_kid", auth_log)
+
+
+def test_missing_kid_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    assert_rejected(file_verifier(tmp_path, ehr), ehr.token(AUD, headers={"kid": None}), "missing_kid", auth_log)
+
+
+def test_bad_signature_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    tampered = tamper_payload(ehr.token(AUD), tenant="another-hospital")
+    assert_rejected(file_verifier(tmp_path, ehr), tampered, "bad_signature", auth_log)
+
+
+def test_replayed_jti_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    verifier = file_verifier(tmp_path, ehr)
+    token = ehr.token(AUD)
+    assert call(verifier, token) is not None
+    assert_rejected(verifier, token, "replayed_jti", auth_log)
+    assert_rejected(verifier, ehr.token(AUD, jti=json.loads(_b64decode(token.split(".")[1]))["jti"]),
+                    "replayed_jti", auth_log)
+
+
+def test_replay_is_detected_across_workers_sharing_the_store(tmp_path: Path, ehr: SigningIssuer,
+                                                              auth_log: LogCapture) -> None:
+    store = MemoryJtiStore()
+    worker_a, worker_b = file_verifier(tmp_path, ehr, store), file_verifier(tmp_path, ehr, store)
+    token = ehr.token(AUD)
+    assert call(worker_a, token) is not None
+    assert_rejected(worker_b, token, "replayed_jti", auth_log)
+
+
+def test_rejected_token_does_not_consume_its_jti(tmp_path: Path, ehr: SigningIssuer,
+                                                 auth_log: LogCapture) -> None:
+    store = MemoryJtiStore()
+    verifier = file_verifier(tmp_path, ehr, store)
+    assert_rejected(verifier, ehr.token("https://evil.example.org" + PATH, jti="j-1"), "wrong_aud", auth_log)
+    assert store.seen == {}
+    assert call(verifier, ehr.token(AUD, jti="j-1")) is not None
+
+
+def test_replay_cache_failure_fails_closed(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    class BrokenStore:
+        def remember_jti(self, issuer: str, jti: str, expires_at: float) -> bool:
+            raise OSError("database is locked")
+
+    assert_rejected(file_verifier(tmp_path, ehr, BrokenStore()), ehr.token(AUD), "replay_cache_unavailable",
+                    auth_log)
+
+
+@pytest.mark.parametrize("claim", ["jti", "exp", "iat", "iss", "aud"])
+def test_missing_required_claim_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture,
+                                            claim: str) -> None:
+    expected = "unknown_iss" if claim == "iss" else f"missing_{claim}"
+    claims = ehr.claims(AUD)
+    del claims[claim]
+    token = ehr.sign(claims)
+    assert_rejected(file_verifier(tmp_path, ehr), token, expected, auth_log)
+
+
+def test_tenant_not_on_allowlist_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    verifier = file_verifier(tmp_path, ehr, tenants=["hospital-a"])
+    assert_rejected(verifier, ehr.token(AUD, tenant="hospital-b"), "tenant_not_allowed", auth_log)
+    assert_rejected(verifier, ehr.token(AUD), "tenant_not_allowed", auth_log)
+
+
+def test_typ_other_than_jwt_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    assert_rejected(file_verifier(tmp_path, ehr), ehr.token(AUD, headers={"typ": "at+jwt"}), "typ_not_jwt",
+                    auth_log)
+
+
+def test_overlong_lifetime_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    now = int(time.time())
+    token = ehr.token(AUD, iat=now, exp=now + 7 * 24 * 3600)
+    assert_rejected(file_verifier(tmp_path, ehr), token, "lifetime_too_long", auth_log)
+
+
+def test_algorithm_must_match_the_key(tmp_path: Path, auth_log: LogCapture) -> None:
+    """A PS256 token whose kid names a key published for RS256 is refused (no algorithm switching)."""
+    rsa = make_issuer("RS256")
+    token = rsa.token(AUD, headers={"alg": "PS256"})
+    assert_rejected(file_verifier(tmp_path, rsa), token, "key_alg_mismatch", auth_log)
+
+
+def test_unreachable_jwks_is_rejected(tmp_path: Path, server: HTTPServer, ehr: SigningIssuer,
+                                      auth_log: LogCapture) -> None:
+    server.expect_request("/jwks").respond_with_data("down", status=503)
+    trusted = trusted_issuers_json((ehr, ehr.entry(jwks=server.url_for("/jwks"))))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+    assert_rejected(verifier, ehr.token(AUD), "jwks_unavailable", auth_log)
+
+
+def test_redirecting_jwks_url_is_not_followed(tmp_path: Path, server: HTTPServer, ehr: SigningIssuer,
+                                              auth_log: LogCapture) -> None:
+    server.expect_request("/jwks").respond_with_data("", status=302, headers={"Location": "/elsewhere"})
+    server.expect_request("/elsewhere").respond_with_json(ehr.jwks)
+    trusted = trusted_issuers_json((ehr, ehr.entry(jwks=server.url_for("/jwks"))))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+    assert_rejected(verifier, ehr.token(AUD), "jwks_unavailable", auth_log)
+    assert [req.path for req, _ in server.log] == ["/jwks"]
+
+
+def test_symmetric_keys_in_a_jwks_are_ignored(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    path = tmp_path / "jwks.json"
+    path.write_text(json.dumps({"keys": [{"kty": "oct", "kid": ehr.kid, "k": "c2VjcmV0"}]}))
+    trusted = trusted_issuers_json((ehr, ehr.entry(jwks=str(path))))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+    assert_rejected(verifier, ehr.token(AUD), "unknown_kid", auth_log)
+
+
+def test_401_is_a_bare_operation_outcome_saying_unauthorized(tmp_path: Path, ehr: SigningIssuer) -> None:
+    with pytest.raises(CdsError) as info:
+        call(file_verifier(tmp_path, ehr), unsigned_token(ehr, AUD))
+    assert info.value.outcome() == {
+        "resourceType": "OperationOutcome",
+        "issue": [{"severity": "error", "code": "login", "diagnostics": "unauthorized"}],
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration and disabled auth
+# ---------------------------------------------------------------------------------------------
+
+
+def test_auth_disabled_returns_none_and_warns_every_request(tmp_path: Path, auth_log: LogCapture) -> None:
+    verifier = RequestVerifier(settings_for(tmp_path, auth_disabled=True), MemoryJtiStore())
+    assert call(verifier) is None
+    assert call(verifier) is None
+    warnings = [r for r in auth_log.records if getattr(r, "event", None) == "auth_disabled"]
+    assert len(warnings) == 2 and all(r.levelno == logging.WARNING for r in warnings)
+
+
+def test_no_trusted_issuers_rejects_everything(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    verifier = RequestVerifier(settings_for(tmp_path), MemoryJtiStore())
+    assert_rejected(verifier, ehr.token(AUD), "unknown_iss", auth_log)
+
+
+@pytest.mark.parametrize("trusted", [
+    "not json",
+    '["https://ehr.example.org"]',
+    '{"https://ehr.example.org": {}}',
+    '{"https://ehr.example.org": {"jwks": "/k.json", "jku": "https://x/jwks"}}',
+    '{"https://ehr.example.org": {"jwks": "/k.json", "tenants": "a"}}',
+    '{"https://ehr.example.org": {"jwks": "/k.json", "jwk": "typo"}}',
+])
+def test_invalid_trusted_issuers_config_fails_at_startup(tmp_path: Path, trusted: str) -> None:
+    with pytest.raises(ValueError):
+        RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+
+
+def test_expected_audience_without_public_base_url_uses_host(tmp_path: Path) -> None:
+    with _app.test_request_context(PATH, base_url="http://localhost:8080"):
+        assert expected_audience(settings_for(tmp_path), flask.request) == "http://localhost:8080" + PATH
+
+
+# ---------------------------------------------------------------------------------------------
+# JWKS caching
+# ---------------------------------------------------------------------------------------------
+
+
+def url_verifier(tmp_path: Path, server: HTTPServer, *issuers: SigningIssuer,
+                 clock: FakeClock, ttl: int = 3600) -> RequestVerifier:
+    server.expect_request("/jwks").respond_with_json(jwks_of(*issuers))
+    trusted = trusted_issuers_json((issuers[0], issuers[0].entry(jwks=server.url_for("/jwks"))))
+    return RequestVerifier(settings_for(tmp_path, trusted, jwks_cache_seconds=ttl), MemoryJtiStore(), clock=clock)
+
+
+def test_jwks_is_not_refetched_within_ttl(tmp_path: Path, server: HTTPServer, ehr: SigningIssuer) -> None:
+    clock = FakeClock()
+    verifier = url_verifier(tmp_path, server, ehr, clock=clock, ttl=600)
+    for _ in range(3):
+        call(verifier, ehr.token(AUD))
+        clock.advance(100)
+    assert len(server.log) == 1
+    clock.advance(400)  # now past the TTL
+    call(verifier, ehr.token(AUD))
+    assert len(server.log) == 2
+
+
+def test_unknown_kid_refetches_at_most_once_a_minute(tmp_path: Path, server: HTTPServer, ehr: SigningIssuer,
+                                                     auth_log: LogCapture) -> None:
+    clock = FakeClock()
+    verifier = url_verifier(tmp_path, server, ehr, clock=clock)
+    call(verifier, ehr.token(AUD))
+    assert len(server.log) == 1
+
+    clock.advance(61)
+    for _ in range(5):  # a burst of unknown kids: one refetch only
+        assert_rejected(verifier, ehr.token(AUD, headers={"kid": "rotated-in"}), "unknown_kid", auth_log)
+        clock.advance(5)
+    assert len(server.log) == 2
+
+    clock.advance(60)
+    assert_rejected(verifier, ehr.token(AUD, headers={"kid": "rotated-in"}), "unknown_kid", auth_log)
+    assert len(server.log) == 3
+
+
+def test_unknown_kid_right_after_a_fetch_does_not_refetch(tmp_path: Path, server: HTTPServer,
+                                                           ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    clock = FakeClock()
+    verifier = url_verifier(tmp_path, server, ehr, clock=clock)
+    call(verifier, ehr.token(AUD))
+    clock.advance(10)
+    assert_rejected(verifier, ehr.token(AUD, headers={"kid": "rotated-in"}), "unknown_kid", auth_log)
+    assert len(server.log) == 1
+
+
+def test_rotated_key_is_picked_up_by_refetch(tmp_path: Path, server: HTTPServer, ehr: SigningIssuer) -> None:
+    clock = FakeClock()
+    verifier = url_verifier(tmp_path, server, ehr, clock=clock)
+    call(verifier, ehr.token(AUD))
+    rotated = make_issuer("ES384", iss=ehr.iss)
+    server.clear()
+    server.expect_request("/jwks").respond_with_json(jwks_of(ehr, rotated))
+    clock.advance(61)
+    assert call(verifier, rotated.token(AUD)) is not None
+    assert len(server.log) == 1
+
+
+def test_cached_keys_survive_a_failed_refresh(tmp_path: Path, server: HTTPServer, ehr: SigningIssuer) -> None:
+    clock = FakeClock()
+    verifier = url_verifier(tmp_path, server, ehr, clock=clock, ttl=120)
+    call(verifier, ehr.token(AUD))
+    server.clear()
+    server.expect_request("/jwks").respond_with_data("down", status=500)
+    clock.advance(200)
+    assert call(verifier, ehr.token(AUD)) is not None
+    assert len(server.log) == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Demo signer
+# ---------------------------------------------------------------------------------------------
+
+
+def test_demo_issuer_key_is_created_private_and_shared(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path / "nested", demo_mode=True)
+    first, second = DemoIssuer(settings), DemoIssuer(settings)
+    key_file = Path(settings.data_dir) / DemoIssuer.KEY_FILE
+    assert stat.S_IMODE(os.stat(key_file).st_mode) == 0o600
+    assert first.kid == second.kid
+    assert first.jwks["keys"][0]["kid"] == first.kid and "d" not in first.jwks["keys"][0]
+
+
+def test_demo_issuer_creation_races_to_one_key(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, demo_mode=True)
+    kids: list[str] = []
+    threads = [threading.Thread(target=lambda: kids.append(DemoIssuer(settings).kid)) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(kids) == 8 and len(set(kids)) == 1
+    assert [p.name for p in Path(settings.data_dir).iterdir()] == [DemoIssuer.KEY_FILE]
+
+
+def test_demo_token_is_accepted_in_demo_mode_by_another_worker(tmp_path: Path) -> None:
+    settings = settings_for(tmp_path, demo_mode=True)
+    token = DemoIssuer(settings).mint(AUD)  # e.g. minted by the demo page in one worker
+    claims = call(RequestVerifier(settings, MemoryJtiStore()), token)  # verified in another
+    assert claims["iss"] == DemoIssuer.ISSUER
+    assert claims["exp"] - claims["iat"] <= 300
+
+
+def test_demo_token_is_rejected_outside_demo_mode(tmp_path: Path, auth_log: LogCapture) -> None:
+    token = DemoIssuer(settings_for(tmp_path, demo_mode=True)).mint(AUD)
+    assert_rejected(RequestVerifier(settings_for(tmp_path), MemoryJtiStore()), token, "unknown_iss", auth_log)
+
+
+def test_demo_token_for_another_endpoint_is_rejected(tmp_path: Path, auth_log: LogCapture) -> None:
+    settings = settings_for(tmp_path, demo_mode=True)
+    token = DemoIssuer(settings).mint(BASE + "/cds-services/b12-neck-pain-order-sign")
+    assert_rejected(RequestVerifier(settings, MemoryJtiStore()), token, "wrong_aud", auth_log)
+
+
+# ---------------------------------------------------------------------------------------------
+# Log safety
+# ---------------------------------------------------------------------------------------------
+
+
+def test_rejection_logs_reason_but_never_the_token_or_unverified_claims(
+        tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture) -> None:
+    verifier = file_verifier(tmp_path, ehr)
+    secret_jti = "JTI-SHOULD-NOT-BE-LOGGED-UNVERIFIED"
+    token = tamper_payload(ehr.token(AUD, jti=secret_jti), aud=AUD)
+    assert_rejected(verifier, token, "bad_signature", auth_log)
+    line = json.loads(auth_log.lines[-1])
+    assert line["event"] == "auth_rejected" and line["reason"] == "bad_signature"
+    assert line["iss"] == ehr.iss and line["kid"] == ehr.kid
+    for part in token.split("."):
+        assert part not in auth_log.text
+    assert secret_jti not in auth_log.text
+
+    injected = ehr.token(AUD, headers={"kid": 'x" \n{"level": "critical"} ' + token})
+    assert_rejected(verifier, injected, "unknown_kid", auth_log)
+    assert "\n" not in auth_log.lines[-1] and token not in auth_log.text
+
+
+def _b64decode(segment: str) -> bytes:
+    import base64
+
+    return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
