@@ -1,28 +1,568 @@
-"""PLACEHOLDER (owned by the patient-data helper; replaced wholesale)."""
-from cds_service.record import PatientRecord
+"""Patient data for one hook call: prefetch templates, prefetch resolution, FHIR server fallback.
+
+Discovery publishes one template per key of `record.PREFETCH_KEYS` (`build_prefetch_templates`).
+On a hook call `PatientDataGatherer.gather()` takes each key from the request's prefetch when the
+EHR sent it, and fetches the rest from `fhirServer`:
+
+- a prefetched value is used as sent (a Bundle contributes its entries; its `next` links are
+  followed when the FHIR server may be called);
+- a `null` value means "the EHR has no data": nothing is fetched;
+- an absent key, or a value that is an OperationOutcome (or a Bundle holding only
+  OperationOutcomes), is fetched from `fhirServer` with `Authorization: Bearer <access_token>`.
+
+Outbound safety: calls go only to a `fhirServer` on `CDS_FHIR_ALLOWLIST` (URL prefixes, compared
+as scheme + host + port + path segments, so `https://ok.example@evil.example` does not pass);
+redirects are never followed; bodies are read streaming and capped at `fhir_max_response_bytes`;
+`next` links must stay under `fhirServer`; the token goes nowhere else.  All fetches of one call
+run concurrently and share one deadline (`fhir_deadline`).  Whatever goes wrong on the wire
+(non-2xx, HTML, truncated JSON, a non-Bundle search answer, a timeout) makes that key
+unavailable; it never raises out of `gather()`.  Only a missing Patient or Conditions (or a
+missing key with a `fhirServer` we may not call) is fatal: `CdsError(412)` naming the keys.
+
+Resources are checked structurally only here (a dict with a known `resourceType`, about the
+context patient); full R4B validation happens in the facts layer on the resources the rules use.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import http.cookiejar
+import re
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import quote, urlsplit
+
+import orjson
+import requests
+from requests.adapters import HTTPAdapter
+
+from cds_service.config import Settings
+from cds_service.logs import get_logger
+from cds_service.protocol import CdsError, HookRequest
+from cds_service.record import PREFETCH_KEYS, REQUIRED_KEYS, PatientRecord, Resource
+
+log = get_logger("patient_data")
+
+KNOWN_RESOURCE_TYPES: frozenset[str] = frozenset({
+    "Patient", "Condition", "Observation", "MedicationRequest", "MedicationStatement",
+    "Procedure", "ServiceRequest", "Medication",
+})
+"""Resource types the rules can use; anything else in a Bundle is skipped and counted."""
+
+SEARCH_COUNT = 100
+"""`_count` of the unfiltered searches (page size; pages are followed up to fhir_max_pages)."""
+CODED_SEARCH_COUNT = 50
+"""`_count` of the code-filtered searches."""
+
+FHIR_JSON = "application/fhir+json"
+_TOKEN_RE = re.compile(r"\{\{\s*([^{}]*?)\s*\}\}")
+_CHUNK_BYTES = 64 * 1024
+_RETRY_STATUSES = frozenset({429, 503})
+_DEFAULT_RETRY_DELAY = 0.1
+"""Wait before the single retry on 429/503 when the server gives no Retry-After."""
 
 
+class TemplateError(ValueError):
+    """A prefetch template could not be rendered (unknown or valueless token)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Templates
+# ---------------------------------------------------------------------------------------------
+
+
+def _fhir_token_value(system: str, code: str) -> str:
+    """`system|code` for a token search, FHIR-escaped and URL-encoded (`|` and `,` stay literal)."""
+    def esc(text: str) -> str:
+        text = text.replace("\\", "\\\\").replace(",", "\\,").replace("|", "\\|").replace("$", "\\$")
+        return quote(text, safe=":/.-_~")
+    return f"{esc(system)}|{esc(code)}" if system else esc(code)
+
+
+def _token_list(codes: Iterable[tuple[str, str]]) -> str:
+    """Comma-separated, de-duplicated, sorted (stable templates) `system|code` list."""
+    return ",".join(sorted({_fhir_token_value(s, c) for s, c in codes if c}))
+
+
+def build_prefetch_templates(valueset_codes: Callable[[str], list[tuple[str, str]]]) -> dict[str, str]:
+    """The discovery prefetch templates, one per `record.PREFETCH_KEYS` entry.
+
+    Only the spec's "valid" template subset is used: an instance read, type searches by
+    `patient`, token equality lists (`system|code,...`), `_count` and `_sort`.  Code filters come
+    from the value sets via `valueset_codes(name) -> [(system, code), ...]`; a value set that
+    yields no codes leaves its search unfiltered (a superset: the rules match codes themselves)
+    and logs a warning.
+    """
+    patient = "patient={{context.patientId}}"
+
+    def coded(resource: str, param: str, valuesets: tuple[str, ...], extra: str = "",
+              count: int = CODED_SEARCH_COUNT) -> str:
+        codes = _token_list(c for name in valuesets for c in valueset_codes(name))
+        if not codes:
+            log.warning("valueset_empty", extra={"event": "valueset_empty", "detail": ",".join(valuesets)})
+            return f"{resource}?{patient}{extra}&_count={count}"
+        return f"{resource}?{patient}&{param}={codes}{extra}&_count={count}"
+
+    lab_sets = ("b12-lab", "mma-lab")
+    templates = {
+        "patient": "Patient/{{context.patientId}}",
+        "conditions": f"Condition?{patient}&_count={SEARCH_COUNT}",
+        "labResults": coded("Observation", "code", lab_sets, "&_sort=-date"),
+        "findings": coded("Observation", "code", ("neuropathic-features",)),
+        "findingValues": coded("Observation", "value-concept", ("vegan-vegetarian-diet",)),
+        "medicationRequests": f"MedicationRequest?{patient}&_count={SEARCH_COUNT}",
+        "medicationStatements": f"MedicationStatement?{patient}&_count={SEARCH_COUNT}",
+        "procedures": f"Procedure?{patient}&_count={SEARCH_COUNT}",
+        "serviceRequests": coded("ServiceRequest", "code", lab_sets, "&status=active,on-hold"),
+    }
+    assert tuple(templates) == PREFETCH_KEYS, "templates must cover exactly record.PREFETCH_KEYS"
+    return templates
+
+
+def render_template(template: str, token_values: Mapping[str, str]) -> str:
+    """Replace every `{{token}}` with its URL-encoded value.
+
+    A token without a (non-empty) value raises `TemplateError`: an empty substitution would
+    silently widen the query (e.g. `Condition?patient=` could match every patient).
+    """
+    def substitute(match: re.Match[str]) -> str:
+        name = match.group(1)
+        value = token_values.get(name)
+        if not isinstance(value, str) or not value:
+            raise TemplateError(f"prefetch token {{{{{name}}}}} has no value")
+        return quote(value, safe="")
+
+    return _TOKEN_RE.sub(substitute, template)
+
+
+# ---------------------------------------------------------------------------------------------
+# Results
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
 class GatherResult:
-    def __init__(self, record):
-        self.record = record
-        self.fetched_keys = ()
-        self.failed_keys = ()
-        self.skipped_resources = 0
+    """The patient record of one hook call and how it was obtained (counts only, no data)."""
+
+    record: PatientRecord
+    fetched_keys: tuple[str, ...] = ()
+    """Keys fetched (completely) from the FHIR server."""
+    failed_keys: tuple[str, ...] = ()
+    """Keys whose data could not be had, or only in part (also in `record.unavailable`)."""
+    skipped_resources: int = 0
+    """Entries dropped as structurally invalid (not a dict, unknown type, another patient)."""
+    fhir_calls: int = 0
+    """HTTP requests made to the FHIR server (retries included)."""
+
+
+@dataclass
+class _KeyData:
+    """What one prefetch key contributed."""
+
+    resources: list[Resource] = field(default_factory=list)
+    skipped: int = 0
+    calls: int = 0
+    ok: bool = True
+    """False when the key's data could not be had, or only partly (failed fetch, page limit)."""
+    fetched: bool = False
+    reason: str = ""
+
+
+class _FetchFailed(Exception):
+    """One FHIR request failed; the message is a short reason fit for logs (no URL, no data)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Allowlist
+# ---------------------------------------------------------------------------------------------
+
+
+def _url_parts(url: str) -> tuple[str, str, int, str] | None:
+    """(scheme, host, port, path) of an absolute http(s) URL without userinfo; None otherwise."""
+    try:
+        parts = urlsplit(url.strip())
+        port = parts.port
+    except ValueError:
+        return None
+    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
+        return None
+    if "@" in parts.netloc or "\\" in url:
+        return None
+    scheme = parts.scheme.lower()
+    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80), parts.path
+
+
+def _under(url: str, base: str) -> bool:
+    """True when `url` is `base` or below it (same scheme/host/port, path on a segment boundary)."""
+    u, b = _url_parts(url), _url_parts(base)
+    if u is None or b is None or u[:3] != b[:3]:
+        return False
+    base_path = b[3].rstrip("/")
+    return u[3] == base_path or u[3].startswith(base_path + "/") or (not base_path and u[3] in ("", "/"))
+
+
+def url_allowed(url: str, prefixes: Iterable[str]) -> bool:
+    """Whether `url` lies under one of the allowlisted URL `prefixes`."""
+    return any(_under(url, p) for p in prefixes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Resource checks
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_outcome(value: Any) -> bool:
+    return isinstance(value, dict) and value.get("resourceType") == "OperationOutcome"
+
+
+def _bundle_resources(bundle: Resource) -> list[Any]:
+    """The `entry[].resource` values of a Bundle (entries without a resource are kept as None)."""
+    entries = bundle.get("entry")
+    if not isinstance(entries, list):
+        return []
+    return [e.get("resource") if isinstance(e, dict) else None for e in entries]
+
+
+def _needs_fetch(value: Any) -> bool:
+    """An OperationOutcome, or a Bundle whose entries are all OperationOutcomes: not data."""
+    if value is None:
+        return False  # "no data"
+    if _is_outcome(value):
+        return True
+    if isinstance(value, dict) and value.get("resourceType") == "Bundle":
+        entries = _bundle_resources(value)
+        return bool(entries) and all(_is_outcome(r) for r in entries)
+    return not isinstance(value, dict)  # a string, list or number is not a prefetch value
+
+
+def _next_link(bundle: Resource) -> str | None:
+    links = bundle.get("link")
+    if not isinstance(links, list):
+        return None
+    for link in links:
+        if isinstance(link, dict) and link.get("relation") == "next" and isinstance(link.get("url"), str):
+            return link["url"]
+    return None
+
+
+_SUBJECT_FIELDS = ("subject", "patient")
+
+
+def _about_patient(resource: Resource, patient_id: str) -> bool:
+    """Whether a resource belongs to the context patient (Medication has no subject: True)."""
+    rtype = resource["resourceType"]
+    if rtype == "Medication":
+        return True
+    if rtype == "Patient":
+        return resource.get("id") == patient_id
+    for name in _SUBJECT_FIELDS:
+        ref = resource.get(name)
+        if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+            path = ref["reference"].split("/_history/", 1)[0].rstrip("/")
+            return path == f"Patient/{patient_id}" or path.endswith(f"/Patient/{patient_id}")
+    return False
+
+
+def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData) -> None:
+    """Keep structurally usable resources; count the rest (OperationOutcome entries are neither)."""
+    for res in candidates:
+        if _is_outcome(res):
+            continue
+        if (isinstance(res, dict) and res.get("resourceType") in KNOWN_RESOURCE_TYPES
+                and _about_patient(res, patient_id)):
+            into.resources.append(res)
+        else:
+            into.skipped += 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The gatherer
+# ---------------------------------------------------------------------------------------------
+
+
+class _NoCookies(http.cookiejar.DefaultCookiePolicy):
+    """Never store cookies: one session serves every patient and every EHR token."""
+
+    def set_ok(self, cookie: Any, request: Any) -> bool:  # noqa: D401
+        return False
 
 
 class PatientDataGatherer:
-    def __init__(self, settings):
+    """Resolves prefetch and fetches what is missing; one per app (holds a pooled Session)."""
+
+    def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.session = requests.Session()
+        self.session.trust_env = False  # no proxies or ~/.netrc credentials from the environment
+        self.session.max_redirects = 0
+        self.session.cookies.set_policy(_NoCookies())
+        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+        self.session.headers.update({"Accept": FHIR_JSON, "Accept-Encoding": "gzip, deflate",
+                                     "User-Agent": "b12-neck-cds"})
+        self._templates: dict[str, dict[str, str]] = {}
+        self._lock = threading.Lock()
 
-    def prefetch_templates(self, hook, engine):
-        return {"patient": "Patient/{{context.patientId}}"}
+    def close(self) -> None:
+        self.session.close()
 
-    def gather(self, request, templates):
-        res = [v for v in request.prefetch.values() if isinstance(v, dict)]
-        flat = []
-        for r in res:
-            if r.get("resourceType") == "Bundle":
-                flat += [e.get("resource") for e in r.get("entry", []) if isinstance(e, dict)]
+    # -- discovery ------------------------------------------------------------------------------
+
+    def prefetch_templates(self, hook: str, engine: Any) -> dict[str, str]:
+        """The prefetch templates for `hook` (built once from the engine's value sets)."""
+        with self._lock:
+            cached = self._templates.get(hook)
+            if cached is None:
+                cached = build_prefetch_templates(engine.valueset_codes)
+                self._templates[hook] = cached
+        return dict(cached)
+
+    # -- hook calls -----------------------------------------------------------------------------
+
+    def gather(self, request: HookRequest, templates: Mapping[str, str]) -> GatherResult:
+        """Resolve every template key from prefetch, else the FHIR server (see module doc).
+
+        Raises `CdsError(412)` when the Patient or Conditions cannot be had, or when data is
+        missing and `fhirServer` is not on the allowlist.  Never raises for wire problems.
+        """
+        started = time.monotonic()
+        deadline = started + max(0.0, self.settings.fhir_deadline)
+        patient_id = request.context.patient_id
+        server = request.fhir_server
+        server_ok = bool(server) and url_allowed(server, self.settings.fhir_allowlist_prefixes)
+
+        data: dict[str, _KeyData] = {}
+        to_fetch: list[str] = []
+        to_continue: dict[str, str] = {}  # key -> next link of a prefetched Bundle
+        skipped_prefetch = 0  # rejected single-resource prefetch values (fetched instead)
+        for key in templates:
+            if key not in request.prefetch or _needs_fetch(request.prefetch[key]):
+                to_fetch.append(key)
+                continue
+            value = request.prefetch[key]
+            kd = data[key] = _KeyData()
+            if value is None:
+                continue  # the EHR has no data for this key
+            if value.get("resourceType") == "Bundle":
+                _accept(_bundle_resources(value), patient_id, kd)
+                nxt = _next_link(value)
+                if nxt and server_ok and _under(nxt, server or ""):
+                    to_continue[key] = nxt
             else:
-                flat.append(r)
-        return GatherResult(PatientRecord.from_resources(flat))
+                _accept([value], patient_id, kd)
+                if not kd.resources:  # a single resource of another patient or unknown type
+                    del data[key]
+                    to_fetch.append(key)
+                    skipped_prefetch += kd.skipped
+
+        if to_fetch and server and not server_ok:
+            log.warning("fhir_server_not_allowed", extra={
+                "event": "fhir_server_not_allowed", "hook_instance": request.hook_instance,
+                "keys_failed": to_fetch})
+            raise CdsError(412, "fhirServer is not on this service's allowlist (CDS_FHIR_ALLOWLIST) "
+                                f"and these prefetch keys are missing: {', '.join(to_fetch)}")
+
+        if server_ok and (to_fetch or to_continue):
+            self._fetch_all(request, templates, to_fetch, to_continue, data, deadline)
+        for key in to_fetch:
+            data.setdefault(key, _KeyData(ok=False, reason="no fhirServer"))
+
+        unavailable = [k for k in templates if not data[k].ok]
+        fetched = tuple(k for k in templates if data[k].fetched and data[k].ok)
+        calls = sum(kd.calls for kd in data.values())
+        skipped = skipped_prefetch + sum(kd.skipped for kd in data.values())
+        log.info("gather", extra={
+            "event": "gather", "hook_instance": request.hook_instance,
+            "keys_fetched": list(fetched) or None, "keys_failed": unavailable or None,
+            "reason": ";".join(f"{k}:{data[k].reason}" for k in unavailable) or None,
+            "fhir_calls": calls, "skipped_resources": skipped,
+            "duration_ms": round((time.monotonic() - started) * 1000, 2)})
+
+        missing_required = [k for k in templates
+                            if k in REQUIRED_KEYS and not data[k].ok and not data[k].resources]
+        if missing_required:
+            raise CdsError(412, "required FHIR data could not be obtained (not prefetched"
+                                + (", and the FHIR server did not provide it" if server_ok else
+                                   ", and no usable fhirServer was given")
+                                + f"): {', '.join(missing_required)}")
+
+        resources = [r for k in templates for r in data[k].resources]
+        drafts = []
+        if request.context.draft_orders:
+            drafts = [r for r in _bundle_resources(request.context.draft_orders) if isinstance(r, dict)]
+        record = PatientRecord.from_resources(resources, draft_orders=drafts,
+                                              unavailable=frozenset(unavailable))
+        return GatherResult(record=record, fetched_keys=fetched, failed_keys=tuple(unavailable),
+                            skipped_resources=skipped, fhir_calls=calls)
+
+    # -- fetching -------------------------------------------------------------------------------
+
+    def _fetch_all(self, request: HookRequest, templates: Mapping[str, str], to_fetch: list[str],
+                   to_continue: dict[str, str], data: dict[str, _KeyData], deadline: float) -> None:
+        """Run every key's fetch concurrently; keys unfinished at the deadline are failures."""
+        base = (request.fhir_server or "").rstrip("/")
+        headers = {}
+        if request.fhir_authorization is not None:
+            headers["Authorization"] = f"Bearer {request.fhir_authorization.access_token}"
+        tokens = request.context.token_values()
+        patient_id = request.context.patient_id
+        cancel = threading.Event()
+
+        jobs: dict[str, tuple[str, bool]] = {}  # key -> (first URL, is an instance read)
+        for key in to_fetch:
+            try:
+                url = f"{base}/{render_template(templates[key], tokens).lstrip('/')}"
+            except TemplateError as err:
+                data[key] = _KeyData(ok=False, reason=str(err))
+                continue
+            jobs[key] = (url, "?" not in templates[key])
+        for key, nxt in to_continue.items():
+            jobs[key] = (nxt, False)
+        if not jobs:
+            return
+
+        pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="fhir-fetch")
+        running: dict[str, tuple[Future[None], _KeyData]] = {}
+        try:
+            for key, (url, is_read) in jobs.items():
+                kd = _KeyData(fetched=key in to_fetch)
+                fut = pool.submit(self._fetch_key, url, base, headers, patient_id, is_read, kd,
+                                  deadline, cancel)
+                running[key] = (fut, kd)
+            pending = {fut for fut, _ in running.values()}
+            while pending:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                _done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+        finally:
+            cancel.set()  # workers still running stop at their next check; nobody waits for them
+            pool.shutdown(wait=False, cancel_futures=True)
+
+        for key, (fut, kd) in running.items():
+            if not fut.done():  # the worker may still write to `kd`: use none of its data
+                kd = _KeyData(fetched=kd.fetched, calls=kd.calls, ok=False, reason="deadline")
+            if key in to_continue:  # further pages of a prefetched Bundle: add to its first page
+                first = data[key]
+                first.resources.extend(kd.resources)
+                first.skipped += kd.skipped
+                first.calls += kd.calls
+                if not kd.ok:
+                    first.ok, first.reason = False, kd.reason
+            else:
+                data[key] = kd
+
+    def _fetch_key(self, url: str, base: str, headers: dict[str, str], patient_id: str,
+                   is_read: bool, kd: _KeyData, deadline: float, cancel: threading.Event) -> None:
+        """Fetch one key (a read, or a search with its `next` pages) into `kd`; never raises."""
+        seen: set[str] = set()
+        pages = 0
+        try:
+            while url:
+                if url in seen:
+                    log.warning("fhir_next_loop", extra={"event": "fhir_next_loop", "count": pages})
+                    return
+                if pages >= max(1, self.settings.fhir_max_pages):
+                    kd.ok, kd.reason = False, "page limit"
+                    return
+                seen.add(url)
+                pages += 1
+                body = self._get_json(url, headers, kd, deadline, cancel)
+                rtype = body.get("resourceType") if isinstance(body, dict) else None
+                if rtype == "Bundle":
+                    _accept(_bundle_resources(body), patient_id, kd)
+                    nxt = _next_link(body)
+                    if nxt and not _under(nxt, base):
+                        kd.ok, kd.reason = False, "next link outside fhirServer"
+                        return
+                    url = nxt or ""
+                elif is_read and isinstance(body, dict) and rtype in KNOWN_RESOURCE_TYPES:
+                    _accept([body], patient_id, kd)
+                    if not kd.resources:
+                        kd.ok, kd.reason = False, "read returned another resource"
+                    return
+                else:
+                    kd.ok, kd.reason = False, f"unexpected {str(rtype)[:40] or type(body).__name__}"
+                    return
+        except _FetchFailed as err:
+            kd.ok, kd.reason = False, str(err)
+        except Exception as err:  # noqa: BLE001 - a fetch must never break the hook call
+            kd.ok, kd.reason = False, f"error {type(err).__name__}"
+
+    def _get_json(self, url: str, headers: dict[str, str], kd: _KeyData, deadline: float,
+                  cancel: threading.Event) -> Any:
+        """GET `url` and parse the JSON body; one retry on 429/503 within the deadline."""
+        for attempt in (1, 2):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or cancel.is_set():
+                raise _FetchFailed("deadline")
+            kd.calls += 1
+            try:
+                resp = self.session.get(
+                    url, headers=headers, allow_redirects=False, stream=True,
+                    timeout=(min(self.settings.fhir_connect_timeout, remaining),
+                             min(self.settings.fhir_read_timeout, remaining)))
+            except requests.Timeout:
+                raise _FetchFailed("timeout") from None
+            except requests.RequestException as err:
+                raise _FetchFailed(f"connection {type(err).__name__}") from None
+            try:
+                if resp.status_code in _RETRY_STATUSES and attempt == 1:
+                    delay = _retry_after(resp.headers.get("Retry-After"))
+                    if time.monotonic() + delay >= deadline:
+                        raise _FetchFailed(f"http {resp.status_code}, retry after the deadline")
+                    if cancel.wait(delay):
+                        raise _FetchFailed("deadline")
+                    continue
+                if not 200 <= resp.status_code < 300:
+                    raise _FetchFailed(f"http {resp.status_code}")
+                ctype = resp.headers.get("Content-Type", "").lower()
+                if "json" not in ctype and ctype:
+                    raise _FetchFailed(f"content type {ctype.split(';')[0][:40]}")
+                raw = self._read_capped(resp, deadline, cancel)
+            finally:
+                resp.close()
+            try:
+                return orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                raise _FetchFailed("invalid JSON") from None
+        raise _FetchFailed("retry failed")  # pragma: no cover - the loop always returns or raises
+
+    def _read_capped(self, resp: requests.Response, deadline: float, cancel: threading.Event) -> bytes:
+        """The (decoded) body, or `_FetchFailed` past the size cap or the deadline."""
+        cap = self.settings.fhir_max_response_bytes
+        declared = resp.headers.get("Content-Length", "")
+        if declared.isdigit() and int(declared) > cap:
+            raise _FetchFailed("response too large")
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            for chunk in resp.iter_content(_CHUNK_BYTES):
+                size += len(chunk)
+                if size > cap:
+                    raise _FetchFailed("response too large")
+                if cancel.is_set() or time.monotonic() > deadline:
+                    raise _FetchFailed("deadline")
+                chunks.append(chunk)
+        except requests.RequestException as err:
+            raise _FetchFailed(f"read {type(err).__name__}") from None
+        return b"".join(chunks)
+
+
+def _retry_after(value: str | None) -> float:
+    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
+    if not value:
+        return _DEFAULT_RETRY_DELAY
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return _DEFAULT_RETRY_DELAY
+    return max(0.0, when.timestamp() - time.time())

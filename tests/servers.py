@@ -1,0 +1,207 @@
+"""Shared test helpers: free ports, a threaded stub HTTP server on 127.0.0.1, readiness waits.
+
+`StubServer` answers from a route table: `server.route("/fhir/Patient/p1", reply)` where `reply`
+is a `Reply` (status, JSON/bytes body, headers, delay before answering, delay between chunks) or a
+callable `(RecordedRequest) -> Reply`.  Every request is recorded (method, path, query, headers)
+so tests can assert what was sent, e.g. that a token never reached a host.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import orjson
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((HOST, 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout: float = 20.0, host: str = HOST) -> None:
+    """Block until something accepts TCP connections on `host:port` (or raise TimeoutError)."""
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        try:
+            with socket.create_connection((host, port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+@dataclass
+class Reply:
+    status: int = 200
+    body: Any = None
+    """A dict/list (sent as JSON), bytes or str (sent as is)."""
+    headers: dict[str, str] = field(default_factory=dict)
+    delay: float = 0.0
+    """Seconds to wait before sending anything."""
+    chunk_delay: float = 0.0
+    """Seconds to wait between 1 KiB chunks of the body (a slow drip)."""
+    content_type: str = "application/fhir+json"
+    send_length: bool = True
+    """False: no Content-Length; the body ends when the connection closes."""
+
+    def payload(self) -> bytes:
+        if self.body is None:
+            return b""
+        if isinstance(self.body, bytes):
+            return self.body
+        if isinstance(self.body, str):
+            return self.body.encode()
+        return orjson.dumps(self.body)
+
+
+@dataclass(frozen=True)
+class RecordedRequest:
+    method: str
+    path: str
+    query: str
+    headers: dict[str, str]
+    at: float
+
+
+class StubServer:
+    """A threaded HTTP server on 127.0.0.1:<free port>; use as a context manager."""
+
+    def __init__(self) -> None:
+        self.routes: dict[str, Reply | Callable[[RecordedRequest], Reply]] = {}
+        self.requests: list[RecordedRequest] = []
+        self._lock = threading.Lock()
+        stub = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args: Any) -> None:  # keep test output quiet
+                pass
+
+            def do_GET(self) -> None:
+                stub._handle(self)
+
+            def do_POST(self) -> None:
+                stub._handle(self)
+
+            def do_PUT(self) -> None:
+                stub._handle(self)
+
+        class QuietServer(ThreadingHTTPServer):
+            def handle_error(self, request: Any, client_address: Any) -> None:
+                pass  # clients hanging up early is what fault tests provoke
+
+        self.httpd = QuietServer((HOST, 0), Handler)
+        self.httpd.daemon_threads = True
+        self.port = int(self.httpd.server_address[1])
+        self.base = f"http://{HOST}:{self.port}"
+        self._thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
+
+    def __enter__(self) -> "StubServer":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+    def route(self, path: str, reply: Reply | Callable[[RecordedRequest], Reply]) -> None:
+        """Answer requests whose path (optionally `path?query`) equals `path`."""
+        self.routes[path] = reply
+
+    def _handle(self, h: BaseHTTPRequestHandler) -> None:
+        parts = urlsplit(h.path)
+        length = int(h.headers.get("Content-Length") or 0)
+        if length:
+            h.rfile.read(length)
+        rec = RecordedRequest(h.command, parts.path, parts.query, dict(h.headers.items()), time.monotonic())
+        with self._lock:
+            self.requests.append(rec)
+        reply = (self.routes.get(f"{parts.path}?{parts.query}")
+                 or self.routes.get(f"{parts.path}?{unquote(parts.query)}") or self.routes.get(parts.path))
+        if callable(reply):
+            reply = reply(rec)
+        if reply is None:
+            reply = Reply(404, {"resourceType": "OperationOutcome",
+                                "issue": [{"severity": "error", "code": "not-found"}]})
+        try:
+            if reply.delay:
+                time.sleep(reply.delay)
+            payload = reply.payload()
+            h.send_response(reply.status)
+            h.send_header("Content-Type", reply.content_type)
+            if not reply.send_length:
+                h.send_header("Connection", "close")
+                h.close_connection = True
+            elif "Content-Length" not in reply.headers:
+                h.send_header("Content-Length", str(len(payload)))
+            for name, value in reply.headers.items():
+                h.send_header(name, value)
+            h.end_headers()
+            if reply.chunk_delay:
+                for i in range(0, len(payload), 1024):
+                    h.wfile.write(payload[i:i + 1024])
+                    h.wfile.flush()
+                    time.sleep(reply.chunk_delay)
+            else:
+                h.wfile.write(payload)
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the client gave up (deadline, size cap): expected in fault tests
+
+
+# ---------------------------------------------------------------------------------------------
+# Small FHIR builders for patient-data tests
+# ---------------------------------------------------------------------------------------------
+
+
+def searchset(*resources: dict[str, Any], next_url: str | None = None) -> dict[str, Any]:
+    """A searchset Bundle of `resources`, optionally with a `next` link."""
+    bundle: dict[str, Any] = {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
+                              "entry": [{"resource": r, "search": {"mode": "match"}} for r in resources]}
+    if next_url:
+        bundle["link"] = [{"relation": "next", "url": next_url}]
+    return bundle
+
+
+def resource(rtype: str, rid: str, patient_id: str = "p1", **fields: Any) -> dict[str, Any]:
+    """A minimal resource of `rtype` about `patient_id` (Patient: the patient itself)."""
+    res: dict[str, Any] = {"resourceType": rtype, "id": rid}
+    if rtype != "Patient":
+        res["subject"] = {"reference": f"Patient/{patient_id}"}
+    res.update(fields)
+    return res
+
+
+def hook_body(*, hook: str = "patient-view", patient_id: str = "p1", fhir_server: str | None = None,
+              token: str | None = None, prefetch: dict[str, Any] | None = None,
+              draft_orders: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    """A CDS Hooks request body as an EHR would send it."""
+    body: dict[str, Any] = {
+        "hook": hook, "hookInstance": "d1577c69-dfbe-44ad-ba6d-3e05e953b2ea",
+        "context": {"userId": "Practitioner/u1", "patientId": patient_id},
+    }
+    if hook != "patient-view":
+        drafts = draft_orders or []
+        body["context"]["draftOrders"] = {"resourceType": "Bundle", "type": "collection",
+                                          "entry": [{"resource": d} for d in drafts]}
+        if hook == "order-select":
+            body["context"]["selections"] = [f"{d['resourceType']}/{d['id']}" for d in drafts]
+    if fhir_server:
+        body["fhirServer"] = fhir_server
+    if token:
+        body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
+                                     "scope": "patient/*.read", "subject": "b12-cds"}
+    if prefetch is not None:
+        body["prefetch"] = prefetch
+    return body
