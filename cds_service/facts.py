@@ -1,0 +1,501 @@
+"""Facts: what the rules need to know about one patient, derived from the raw FHIR JSON.
+
+Matching runs on the raw dicts with the value-set index (cheap: a few dict lookups per coding);
+only resources that matched something the rules use are validated with fhir.resources R4B, and a
+matched resource that fails validation is skipped and counted in `skipped_resources`.  Nothing in
+here raises on malformed input: every field is type-checked before use.
+
+Counting rules (issue #2, "Facts derived from the patient's data"):
+- Conditions count when clinicalStatus is active/recurrence/relapse (or absent) and
+  verificationStatus is not refuted/entered-in-error.  Surgical history counts whatever its
+  clinicalStatus (a gastrectomy does not "resolve").
+- Observations with status entered-in-error or cancelled never count; lab results count only when
+  final, amended or corrected.
+- Medications count when active or on-hold; codes first, else ingredient names in text/display.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import date, datetime
+from typing import Any
+
+from cds_service.config import Settings
+from cds_service.knowledge import LOINC, Knowledge
+from cds_service.record import PatientRecord
+
+# --- constants --------------------------------------------------------------------------------
+
+RISK_FACTOR_ORDER: tuple[str, ...] = (
+    "metformin", "acid-suppressants", "gastric-surgery", "malabsorption", "vegan-vegetarian-diet",
+    "older-age", "diabetes", "alcohol-use-disorder",
+)
+"""Risk-factor keys, strongest/most specific marker first (metformin is a stronger B12 marker
+than diabetes itself: clinical-knowledge.md 1c).  Keys equal value-set names, plus "older-age"."""
+
+CONDITION_SETS = frozenset({
+    "neck-pain", "chronic-neck-pain", "neuropathic-features", "mechanical-causes",
+    "compressive-causes", "red-flags", "diabetes", "vegan-vegetarian-diet", "malabsorption",
+    "gastric-surgery", "alcohol-use-disorder", "b12-deficiency",
+})
+FINDING_SETS = frozenset({"neuropathic-features", "vegan-vegetarian-diet", "red-flags"})
+"""Sets an Observation may establish, by its code or its valueCodeableConcept."""
+LAB_SETS = frozenset({"b12-lab", "mma-lab"})
+MEDICATION_SETS = frozenset({"metformin", "acid-suppressants", "b12-replacement"})
+SURGERY_SET = "gastric-surgery"
+
+COUNTED_CLINICAL = frozenset({"active", "recurrence", "relapse"})
+EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
+EXCLUDED_OBSERVATION = frozenset({"entered-in-error", "cancelled"})
+FINAL_LAB = frozenset({"final", "amended", "corrected"})
+ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
+PENDING_ORDER = frozenset({"active", "on-hold"})
+DEAD_DRAFT = frozenset({"revoked", "entered-in-error", "completed", "cancelled", "stopped"})
+NEGATIVE_ANSWERS = frozenset({"no", "absent", "negative", "none", "false", "not present"})
+
+# Serum B12 unit conversion to ng/L (= pg/mL).  pmol/L x 1.355 (cyanocobalamin 1355.4 g/mol;
+# NICE NG239 cut-offs 180 ng/L ~ 133 pmol/L, 350 ng/L ~ 258 pmol/L; clinical-knowledge.md 1e).
+B12_TO_NG_L = {"pg/ml": 1.0, "ng/l": 1.0, "pmol/l": 1.355}
+LOINC_DEFAULT_UNIT = {"2132-9": "pg/ml", "14685-2": "pmol/l"}
+
+_DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
+
+
+# --- fact records -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Evidence:
+    """One record entry supporting a fact.  `label` is text from the record (unescaped)."""
+
+    valueset: str
+    label: str
+    resource_type: str
+    resource_id: str | None
+    on: date | None = None
+
+    @property
+    def reference(self) -> str | None:
+        return f"{self.resource_type}/{self.resource_id}" if self.resource_id else None
+
+
+@dataclass(frozen=True)
+class RiskFactor:
+    key: str
+    """One of RISK_FACTOR_ORDER."""
+    evidence: tuple[Evidence, ...]
+
+
+@dataclass(frozen=True)
+class LabResult:
+    """A final/amended/corrected B12 or MMA result."""
+
+    resource_id: str | None
+    loinc: str
+    on: date | None
+    value: float | None
+    unit: str | None
+    """The unit as read from the record (UCUM code, else unit text), or the LOINC default."""
+    comparator: str | None = None
+    value_ng_l: float | None = None
+    """B12 value in ng/L, None when the value or its unit cannot be read (then it is not banded)."""
+
+
+@dataclass(frozen=True)
+class PatientFacts:
+    patient_id: str
+    today: date
+    age_years: int | None
+    neck_pain: tuple[Evidence, ...]
+    chronic: bool
+    neck_pain_onset: date | None
+    neuropathic: tuple[Evidence, ...]
+    mechanical: tuple[Evidence, ...]
+    compressive: tuple[Evidence, ...]
+    red_flags: tuple[Evidence, ...]
+    risk_factors: tuple[RiskFactor, ...]
+    already_handled: tuple[Evidence, ...]
+    b12_results: tuple[LabResult, ...]
+    """Newest first; results without a date last."""
+    mma_results: tuple[LabResult, ...]
+    pending_orders: tuple[Evidence, ...]
+    unavailable: frozenset[str] = frozenset()
+    skipped_resources: int = 0
+
+    def risk(self, key: str) -> RiskFactor | None:
+        return next((r for r in self.risk_factors if r.key == key), None)
+
+
+# --- small, type-safe readers -----------------------------------------------------------------
+
+def _s(value: Any) -> str | None:
+    return value if isinstance(value, str) and value.strip() else None
+
+
+def _d(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _codings(concept: Any) -> list[dict[str, Any]]:
+    coding = _d(concept).get("coding")
+    return [c for c in coding if isinstance(c, dict)] if isinstance(coding, list) else []
+
+
+def _status_codes(concept: Any) -> set[str]:
+    return {c for c in (_s(x.get("code")) for x in _codings(concept)) if c}
+
+
+def parse_date(value: Any, *, partial_end: bool = False) -> date | None:
+    """The calendar date of a FHIR date/dateTime/instant string, else None.
+
+    Partial dates take the first day of the year/month, or the last with `partial_end` (used for
+    birth dates, so an age is never over-stated)."""
+    text = _s(value)
+    if not text:
+        return None
+    m = _DATE_RE.match(text.strip())
+    if not m:
+        return None
+    try:
+        year = int(m.group(1))
+        month = int(m.group(2)) if m.group(2) else (12 if partial_end else 1)
+        if m.group(3):
+            return date(year, month, int(m.group(3)))
+        if partial_end:
+            nxt = date(year + (month == 12), month % 12 + 1, 1)
+            return date.fromordinal(nxt.toordinal() - 1)
+        return date(year, month, 1)
+    except (ValueError, OverflowError):
+        return None
+
+
+def age_on(birth: date, today: date) -> int:
+    """Completed years on `today` (a 75th birthday today gives 75)."""
+    return today.year - birth.year - ((today.month, today.day) < (birth.month, birth.day))
+
+
+def _first_date(resource: dict[str, Any], *paths: str) -> date | None:
+    """First readable date among dotted `paths` (e.g. "onsetPeriod.start")."""
+    for path in paths:
+        node: Any = resource
+        for part in path.split("."):
+            node = _d(node).get(part)
+        found = parse_date(node)
+        if found:
+            return found
+    return None
+
+
+# --- validation -------------------------------------------------------------------------------
+
+def _model_for(resource_type: str) -> Any:
+    """The fhir.resources R4B model class (imported lazily: only matched resources need it)."""
+    if resource_type == "Condition":
+        from fhir.resources.R4B.condition import Condition as model
+    elif resource_type == "Observation":
+        from fhir.resources.R4B.observation import Observation as model
+    elif resource_type == "MedicationRequest":
+        from fhir.resources.R4B.medicationrequest import MedicationRequest as model
+    elif resource_type == "MedicationStatement":
+        from fhir.resources.R4B.medicationstatement import MedicationStatement as model
+    elif resource_type == "Procedure":
+        from fhir.resources.R4B.procedure import Procedure as model
+    elif resource_type == "ServiceRequest":
+        from fhir.resources.R4B.servicerequest import ServiceRequest as model
+    elif resource_type == "Patient":
+        from fhir.resources.R4B.patient import Patient as model
+    else:
+        return None
+    return model
+
+
+class _Validator:
+    """Validates each matched resource at most once; counts the failures."""
+
+    def __init__(self) -> None:
+        self.skipped = 0
+        self._seen: dict[int, bool] = {}
+
+    def ok(self, resource: dict[str, Any], expected_type: str) -> bool:
+        key = id(resource)
+        if key in self._seen:
+            return self._seen[key]
+        valid = resource.get("resourceType") == expected_type
+        if valid:
+            try:
+                _model_for(expected_type).model_validate(resource)
+            except Exception:  # noqa: BLE001 - any failure (ValidationError, RecursionError...) = invalid
+                valid = False
+        if not valid:
+            self.skipped += 1
+        self._seen[key] = valid
+        return valid
+
+
+# --- matching ---------------------------------------------------------------------------------
+
+def _match_concept(knowledge: Knowledge, concept: Any) -> dict[str, str]:
+    """Value-set name -> label for every set a CodeableConcept's codings fall in."""
+    found: dict[str, str] = {}
+    text = _s(_d(concept).get("text"))
+    for coding in _codings(concept):
+        system, code = coding.get("system"), coding.get("code")
+        for name in knowledge.match_code(system, code):
+            if name not in found:
+                found[name] = (text or _s(coding.get("display"))
+                               or knowledge.display(name, system, code.strip()) or code)
+    return found
+
+
+def _match_medication(knowledge: Knowledge, resource: dict[str, Any]) -> dict[str, str]:
+    """Medication value sets of a MedicationRequest/Statement: by code, else by ingredient name
+    in the concept text, coding displays or medicationReference.display."""
+    concept = resource.get("medicationCodeableConcept")
+    found = {k: v for k, v in _match_concept(knowledge, concept).items() if k in MEDICATION_SETS}
+    if found:
+        return found
+    texts = [_s(_d(concept).get("text"))] + [_s(c.get("display")) for c in _codings(concept)]
+    texts.append(_s(_d(resource.get("medicationReference")).get("display")))
+    for text in texts:
+        if text:
+            for name in knowledge.match_text(text):
+                found.setdefault(name, text)
+    return found
+
+
+def _is_negative_answer(obs: dict[str, Any]) -> bool:
+    """An Observation that records the *absence* of a finding (value false / "No")."""
+    if obs.get("valueBoolean") is False:
+        return True
+    answers = [_s(obs.get("valueString"))]
+    value_cc = _d(obs.get("valueCodeableConcept"))
+    answers.append(_s(value_cc.get("text")))
+    answers += [_s(c.get("display")) for c in _codings(value_cc)]
+    return any(a and a.strip().lower() in NEGATIVE_ANSWERS for a in answers)
+
+
+# --- the derivation ---------------------------------------------------------------------------
+
+class _Collector:
+    def __init__(self) -> None:
+        self.by_set: dict[str, list[Evidence]] = {}
+        self.onsets: list[date] = []
+
+    def add(self, name: str, ev: Evidence) -> None:
+        self.by_set.setdefault(name, []).append(ev)
+
+    def get(self, name: str) -> tuple[Evidence, ...]:
+        return tuple(self.by_set.get(name, ()))
+
+
+def _dicts(resources: Iterable[Any]) -> Iterable[dict[str, Any]]:
+    return (r for r in resources if isinstance(r, dict))
+
+
+def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, settings: Settings,
+                 now: datetime | date) -> PatientFacts:
+    """Derive the `PatientFacts` the rules read.  `context` is the hook's `HookContext` (only
+    `patient_id` is read); `now` fixes "today" so results are reproducible."""
+    today = now.date() if isinstance(now, datetime) else now
+    validator = _Validator()
+    col = _Collector()
+
+    _conditions(record.conditions, knowledge, validator, col)
+    b12, mma = _observations(record.observations, knowledge, validator, col)
+    _medications(record.medication_requests, "MedicationRequest", knowledge, validator, col)
+    _medications(record.medication_statements, "MedicationStatement", knowledge, validator, col)
+    _procedures(record.procedures, knowledge, validator, col)
+    _service_requests(record.service_requests, knowledge, validator, col)
+    _draft_orders(record.draft_orders, knowledge, validator, col)
+
+    age = None
+    patient = record.patient if isinstance(record.patient, dict) else None
+    birth = parse_date(patient.get("birthDate"), partial_end=True) if patient else None
+    if patient and birth and validator.ok(patient, "Patient"):
+        age = age_on(birth, today)
+
+    risks: list[RiskFactor] = []
+    for key in RISK_FACTOR_ORDER:
+        if key == "older-age":
+            if age is not None and age >= settings.older_age_years:
+                risks.append(RiskFactor(key, (Evidence("older-age", f"age {age}", "Patient",
+                                                       _s(patient.get("id")) if patient else None),)))
+        elif col.get(key):
+            risks.append(RiskFactor(key, col.get(key)))
+
+    onset = min(col.onsets) if col.onsets else None
+    chronic = bool(col.get("chronic-neck-pain")) or (
+        onset is not None and (today - onset).days >= settings.chronic_days)
+
+    patient_id = _s(getattr(context, "patient_id", None)) or (_s(patient.get("id")) if patient else None) or ""
+    return PatientFacts(
+        patient_id=patient_id,
+        today=today,
+        age_years=age,
+        neck_pain=col.get("neck-pain"),
+        chronic=chronic,
+        neck_pain_onset=onset,
+        neuropathic=col.get("neuropathic-features"),
+        mechanical=col.get("mechanical-causes"),
+        compressive=col.get("compressive-causes"),
+        red_flags=col.get("red-flags"),
+        risk_factors=tuple(risks),
+        already_handled=col.get("b12-deficiency") + col.get("b12-replacement"),
+        b12_results=_newest_first(b12),
+        mma_results=_newest_first(mma),
+        pending_orders=col.get("pending-order"),
+        unavailable=frozenset(record.unavailable),
+        skipped_resources=validator.skipped,
+    )
+
+
+def _newest_first(results: list[LabResult]) -> tuple[LabResult, ...]:
+    return tuple(sorted(results, key=lambda r: r.on or date.min, reverse=True))
+
+
+def _conditions(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
+                col: _Collector) -> None:
+    for res in _dicts(resources):
+        matched = {k: v for k, v in _match_concept(knowledge, res.get("code")).items() if k in CONDITION_SETS}
+        if not matched:
+            continue
+        if _status_codes(res.get("verificationStatus")) & EXCLUDED_VERIFICATION:
+            continue
+        clinical = _status_codes(res.get("clinicalStatus"))
+        if clinical and not clinical & COUNTED_CLINICAL:
+            # Inactive/resolved/remission: only surgical history still counts.
+            matched = {k: v for k, v in matched.items() if k == SURGERY_SET}
+            if not matched:
+                continue
+        if not validator.ok(res, "Condition"):
+            continue
+        onset = _first_date(res, "onsetDateTime", "onsetPeriod.start") or _first_date(res, "recordedDate")
+        rid = _s(res.get("id"))
+        for name, label in matched.items():
+            col.add(name, Evidence(name, label, "Condition", rid, onset))
+        if "neck-pain" in matched and onset:
+            col.onsets.append(onset)
+
+
+def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
+                  col: _Collector) -> tuple[list[LabResult], list[LabResult]]:
+    b12: list[LabResult] = []
+    mma: list[LabResult] = []
+    for res in _dicts(resources):
+        status = _s(res.get("status"))
+        if status in EXCLUDED_OBSERVATION:
+            continue
+        by_code = _match_concept(knowledge, res.get("code"))
+        lab = by_code.keys() & LAB_SETS
+        if lab:
+            if status not in FINAL_LAB or not validator.ok(res, "Observation"):
+                continue
+            result = _lab_result(res, by_code)
+            (b12 if "b12-lab" in lab else mma).append(result)
+            continue
+        findings = {k: v for k, v in by_code.items() if k in FINDING_SETS}
+        if findings and _is_negative_answer(res):
+            findings = {}
+        for name, label in _match_concept(knowledge, res.get("valueCodeableConcept")).items():
+            if name in FINDING_SETS:
+                findings.setdefault(name, label)
+        if not findings or not validator.ok(res, "Observation"):
+            continue
+        on = _first_date(res, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
+        for name, label in findings.items():
+            col.add(name, Evidence(name, label, "Observation", _s(res.get("id")), on))
+    return b12, mma
+
+
+def _lab_result(res: dict[str, Any], by_code: dict[str, str]) -> LabResult:
+    loinc = next((c.get("code").strip() for c in _codings(res.get("code"))
+                  if c.get("system") == LOINC and _s(c.get("code"))), "")
+    on = _first_date(res, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
+    qty = _d(res.get("valueQuantity"))
+    raw = qty.get("value")
+    value = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
+    if value is not None and not math.isfinite(value):
+        value = None
+    comparator = _s(qty.get("comparator"))
+    unit_candidates = [u for u in (_s(qty.get("code")), _s(qty.get("unit"))) if u]
+    unit = unit_candidates[0] if unit_candidates else None
+    value_ng_l = None
+    if "b12-lab" in by_code and value is not None:
+        factor = None
+        for candidate in unit_candidates:
+            factor = B12_TO_NG_L.get(candidate.replace(" ", "").lower())
+            if factor is not None:
+                unit = candidate
+                break
+        if not unit_candidates:
+            # No unit at all: the LOINC code's own property decides (2132-9 mass, 14685-2 molar).
+            unit = LOINC_DEFAULT_UNIT.get(loinc)
+            factor = B12_TO_NG_L.get(unit) if unit else None
+        if factor is not None:
+            value_ng_l = round(value * factor, 1)
+    return LabResult(resource_id=_s(res.get("id")), loinc=loinc, on=on, value=value, unit=unit,
+                     comparator=comparator, value_ng_l=value_ng_l)
+
+
+def _medications(resources: Iterable[Any], rtype: str, knowledge: Knowledge, validator: _Validator,
+                 col: _Collector) -> None:
+    for res in _dicts(resources):
+        if _s(res.get("status")) not in ACTIVE_MEDICATION:
+            continue
+        matched = _match_medication(knowledge, res)
+        if not matched or not validator.ok(res, rtype):
+            continue
+        on = _first_date(res, "authoredOn", "effectiveDateTime", "effectivePeriod.start", "dateAsserted")
+        for name, label in matched.items():
+            col.add(name, Evidence(name, label, rtype, _s(res.get("id")), on))
+
+
+def _procedures(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
+                col: _Collector) -> None:
+    for res in _dicts(resources):
+        if res.get("status") != "completed":
+            continue
+        label = _match_concept(knowledge, res.get("code")).get(SURGERY_SET)
+        if label is None or not validator.ok(res, "Procedure"):
+            continue
+        on = _first_date(res, "performedDateTime", "performedPeriod.start")
+        col.add(SURGERY_SET, Evidence(SURGERY_SET, label, "Procedure", _s(res.get("id")), on))
+
+
+def _lab_order(knowledge: Knowledge, res: dict[str, Any]) -> str | None:
+    matched = _match_concept(knowledge, res.get("code"))
+    return next((matched[k] for k in ("b12-lab", "mma-lab") if k in matched), None)
+
+
+def _service_requests(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
+                      col: _Collector) -> None:
+    for res in _dicts(resources):
+        if _s(res.get("status")) not in PENDING_ORDER:
+            continue
+        label = _lab_order(knowledge, res)
+        if label is None or not validator.ok(res, "ServiceRequest"):
+            continue
+        on = _first_date(res, "authoredOn", "occurrenceDateTime")
+        col.add("pending-order", Evidence("pending-order", label, "ServiceRequest", _s(res.get("id")), on))
+
+
+def _draft_orders(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
+                  col: _Collector) -> None:
+    """Orders being written in this order-select/order-sign session (context.draftOrders).
+
+    A draft B12/MMA test is a pending order; a draft B12 prescription means the deficiency is
+    already being handled.  Drafts are checked loosely (any live status), as they are unsigned."""
+    for res in _dicts(resources):
+        if _s(res.get("status")) in DEAD_DRAFT:
+            continue
+        rtype = res.get("resourceType")
+        if rtype == "ServiceRequest":
+            label = _lab_order(knowledge, res)
+            if label is not None and validator.ok(res, rtype):
+                col.add("pending-order", Evidence("pending-order", label, rtype, _s(res.get("id"))))
+        elif rtype == "MedicationRequest":
+            label = _match_medication(knowledge, res).get("b12-replacement")
+            if label is not None and validator.ok(res, rtype):
+                col.add("b12-replacement", Evidence("b12-replacement", label, rtype, _s(res.get("id"))))

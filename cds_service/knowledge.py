@@ -1,0 +1,202 @@
+"""Value sets: loaded once from `valuesets/*.json` and indexed for constant-time code matching.
+
+Each file is a FHIR R4 ValueSet whose `compose.include` lists either
+- exact concepts (`system` + `concept[].code`), or
+- an ICD-10-CM family: an include carrying the extension `PREFIX_EXTENSION` (valueString = the
+  family prefix, e.g. "E11" or "M50.1") plus a FHIR `filter` (property "code", op "regex",
+  value "<prefix>.*") so generic FHIR tooling reads the same meaning.
+
+Medication value sets also carry `INGREDIENT_EXTENSION` entries (valueString = an ingredient name,
+e.g. "metformin"): records that code a product we do not list (an RxNorm SCD/SBD, a local code)
+or only have text still match by name.  `UNVERIFIED_EXTENSION` holds codes kept for review only;
+they are never indexed, so the matcher ignores them (clinical-codes.json status "unverified").
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BASE_URL = "https://b12-neck-cds.example.org"
+PREFIX_EXTENSION = f"{BASE_URL}/StructureDefinition/code-prefix"
+INGREDIENT_EXTENSION = f"{BASE_URL}/StructureDefinition/ingredient-name"
+UNVERIFIED_EXTENSION = f"{BASE_URL}/StructureDefinition/unverified-concept"
+
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+LOINC = "http://loinc.org"
+RXNORM = "http://www.nlm.nih.gov/research/umls/rxnorm"
+
+VALUESET_NAMES: tuple[str, ...] = (
+    "neck-pain", "chronic-neck-pain", "neuropathic-features", "mechanical-causes",
+    "compressive-causes", "red-flags", "diabetes", "metformin", "acid-suppressants",
+    "vegan-vegetarian-diet", "malabsorption", "gastric-surgery", "alcohol-use-disorder",
+    "b12-deficiency", "b12-replacement", "b12-lab", "mma-lab",
+)
+"""The value set names other modules rely on (a contract: file name = ValueSet.id = name)."""
+
+_WORD_CHARS = re.compile(r"[^a-z0-9]+")
+
+
+def normalize_code(system: str, code: str) -> str:
+    """Canonical form of a code for lookups.
+
+    ICD-10-CM codes are compared upper-case, and the dot-less form some systems send ("M542") is
+    given its dot back ("M54.2"), so both spellings match the same family.
+    """
+    code = code.strip()
+    if system == ICD10CM:
+        code = code.upper()
+        if "." not in code and len(code) > 3:
+            code = f"{code[:3]}.{code[3:]}"
+    return code
+
+
+def normalize_text(text: str) -> str:
+    """Lower-case text with every run of non-alphanumerics turned into one space, padded with
+    spaces so that whole-word matching is a plain substring test (`" metformin "`)."""
+    return f" {_WORD_CHARS.sub(' ', text.lower()).strip()} "
+
+
+@dataclass(frozen=True)
+class ValueSetDef:
+    """One value set as loaded (verified content only)."""
+
+    name: str
+    title: str
+    url: str
+    codes: tuple[tuple[str, str, str], ...]
+    """(system, code, display) for exact concepts."""
+    prefixes: tuple[tuple[str, str], ...]
+    """(system, prefix) for code families (ICD-10-CM)."""
+    ingredient_names: tuple[str, ...] = ()
+    """Lower-case ingredient names for text matching of medications."""
+
+    def display_for(self, system: str, code: str) -> str | None:
+        for s, c, d in self.codes:
+            if s == system and c == code:
+                return d
+        return None
+
+
+@dataclass(frozen=True)
+class Knowledge:
+    """All value sets plus the lookup indexes built from them."""
+
+    valuesets: dict[str, ValueSetDef]
+    _exact: dict[tuple[str, str], frozenset[str]] = field(repr=False)
+    _prefixes: dict[str, dict[str, frozenset[str]]] = field(repr=False)
+    _prefix_lengths: dict[str, tuple[int, ...]] = field(repr=False)
+    _ingredients: tuple[tuple[str, str], ...] = field(repr=False)
+    """(" name ", value set name), longest names first."""
+
+    # -- loading ------------------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path) -> "Knowledge":
+        """Read every `*.json` ValueSet in `directory` (fails loudly on a broken file: a missing
+        value set must stop the service at start-up, not silently change clinical behaviour)."""
+        defs: dict[str, ValueSetDef] = {}
+        for path in sorted(Path(directory).glob("*.json")):
+            with path.open(encoding="utf-8") as fh:
+                resource = json.load(fh)
+            vs = parse_valueset(resource)
+            if vs.name != path.stem:
+                raise ValueError(f"{path}: ValueSet.name {vs.name!r} must equal the file name")
+            defs[vs.name] = vs
+        missing = [n for n in VALUESET_NAMES if n not in defs]
+        if missing:
+            raise ValueError(f"value sets missing from {directory}: {', '.join(missing)}")
+        return cls.from_valuesets(defs)
+
+    @classmethod
+    def from_valuesets(cls, defs: dict[str, ValueSetDef]) -> "Knowledge":
+        exact: dict[tuple[str, str], set[str]] = {}
+        prefixes: dict[str, dict[str, set[str]]] = {}
+        ingredients: list[tuple[str, str]] = []
+        for vs in defs.values():
+            for system, code, _ in vs.codes:
+                exact.setdefault((system, normalize_code(system, code)), set()).add(vs.name)
+            for system, prefix in vs.prefixes:
+                prefixes.setdefault(system, {}).setdefault(normalize_code(system, prefix), set()).add(vs.name)
+            for name in vs.ingredient_names:
+                ingredients.append((normalize_text(name), vs.name))
+        ingredients.sort(key=lambda item: -len(item[0]))
+        return cls(
+            valuesets=dict(defs),
+            _exact={k: frozenset(v) for k, v in exact.items()},
+            _prefixes={s: {p: frozenset(n) for p, n in m.items()} for s, m in prefixes.items()},
+            _prefix_lengths={s: tuple(sorted({len(p) for p in m})) for s, m in prefixes.items()},
+            _ingredients=tuple(ingredients),
+        )
+
+    # -- lookups ------------------------------------------------------------------------------
+    def match_code(self, system: Any, code: Any) -> frozenset[str]:
+        """Names of the value sets containing (system, code); empty for anything malformed."""
+        if not isinstance(system, str) or not isinstance(code, str) or not code:
+            return frozenset()
+        code = normalize_code(system, code)
+        found = self._exact.get((system, code), frozenset())
+        lengths = self._prefix_lengths.get(system)
+        if lengths:
+            families = self._prefixes[system]
+            for n in lengths:
+                if n > len(code):
+                    break
+                hit = families.get(code[:n])
+                if hit:
+                    found = found | hit
+        return found
+
+    def match_text(self, text: Any) -> frozenset[str]:
+        """Names of the medication value sets whose ingredient name appears as whole words in
+        `text` (case-insensitive)."""
+        if not isinstance(text, str) or not text:
+            return frozenset()
+        norm = normalize_text(text)
+        return frozenset(vs for name, vs in self._ingredients if name in norm)
+
+    def valueset_codes(self, name: str) -> list[tuple[str, str]]:
+        """Exact (system, code) pairs of a value set (no families, no ingredient names): what a
+        FHIR search `code=system|code,...` can use.  Raises KeyError for an unknown name."""
+        return [(s, c) for s, c, _ in self.valuesets[name].codes]
+
+    def valueset_prefixes(self, name: str) -> list[tuple[str, str]]:
+        """Code families (system, prefix) of a value set, which FHIR token search cannot express."""
+        return list(self.valuesets[name].prefixes)
+
+    def display(self, name: str, system: str, code: str) -> str | None:
+        return self.valuesets[name].display_for(system, code)
+
+
+def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
+    """Read one ValueSet resource into a `ValueSetDef` (unverified codes are ignored)."""
+    if resource.get("resourceType") != "ValueSet":
+        raise ValueError("not a ValueSet")
+    name = resource["name"]
+    codes: list[tuple[str, str, str]] = []
+    prefixes: list[tuple[str, str]] = []
+    for include in resource.get("compose", {}).get("include", []):
+        system = include["system"]
+        prefix = _extension_value(include, PREFIX_EXTENSION, "valueString")
+        if prefix:
+            prefixes.append((system, prefix))
+            continue
+        if include.get("filter"):
+            # A filter we cannot evaluate would silently match nothing: refuse it.
+            raise ValueError(f"ValueSet {name}: filter without the {PREFIX_EXTENSION} extension")
+        for concept in include.get("concept", []):
+            codes.append((system, concept["code"], concept.get("display", concept["code"])))
+    names = tuple(e["valueString"].lower() for e in resource.get("extension", [])
+                  if e.get("url") == INGREDIENT_EXTENSION)
+    return ValueSetDef(name=name, title=resource.get("title", name), url=resource.get("url", ""),
+                       codes=tuple(codes), prefixes=tuple(prefixes), ingredient_names=names)
+
+
+def _extension_value(element: dict[str, Any], url: str, key: str) -> Any:
+    for ext in element.get("extension", []):
+        if ext.get("url") == url:
+            return ext.get(key)
+    return None

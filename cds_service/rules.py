@@ -1,0 +1,146 @@
+"""The decision rules (issue #2), as one pure function of `PatientFacts` and `Settings`.
+
+Rules run in a fixed order and the first that decides wins.  Each rule cites its source; the
+clinician-facing table is docs/rules.md.  Sources (full references in clinical-knowledge.md §2):
+- NICE NG239 (2024) "Vitamin B12 deficiency in over 16s": test when >= 1 common symptom/sign AND
+  >= 1 risk factor; total B12 < 180 ng/L deficient, 180-350 indeterminate (consider MMA), > 350
+  deficiency unlikely; no re-testing of people on established replacement.
+- BSH 2014 (Devalia et al.): serum cobalamin first line, plasma MMA second line.
+- AAFP 2017 (Langan) / 2025 (Patel): risk-factor screening (metformin, PPI/H2RA, gastric/ileal
+  surgery, vegan diet, age > 75); 180-350 pg/mL -> MMA.
+- ADA Standards of Care / MHRA 2022: B12 in metformin users, especially with neuropathy.
+- Re-test interval 56 days: laboratory minimum re-test interval (Leeds THT), a design choice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import date
+from typing import Literal
+
+from cds_service.config import Settings
+from cds_service.facts import LabResult, PatientFacts
+
+CardKind = Literal["low-b12", "mma-test", "b12-test"]
+Band = Literal["low", "indeterminate", "normal"]
+
+# Machine reason codes.  No-card reasons:
+NO_NECK_PAIN = "no-neck-pain"
+ALREADY_HANDLED = "already-handled"
+NO_RISK_FACTOR = "no-risk-factor"
+ACUTE_OR_EXPLAINED = "acute-or-explained"
+PENDING_ORDER = "pending-order"
+RECENT_TEST = "recent-test"
+RECENT_NORMAL = "recent-normal"
+MMA_DONE = "mma-done"
+NO_CARD_REASONS: tuple[str, ...] = (NO_NECK_PAIN, ALREADY_HANDLED, NO_RISK_FACTOR, ACUTE_OR_EXPLAINED,
+                                    PENDING_ORDER, RECENT_TEST, RECENT_NORMAL, MMA_DONE)
+# Card reasons (why the card was shown):
+LOW_RESULT = "low-result"
+INDETERMINATE_RESULT = "indeterminate-result"
+RISK_AND_SYMPTOMS = "risk-and-symptoms"
+
+
+@dataclass(frozen=True)
+class Decision:
+    kind: CardKind | None
+    """The card to show, or None."""
+    reason: str
+    """Machine code: a no-card reason (NO_CARD_REASONS) or why the card is shown."""
+    indicator: Literal["info", "warning"] | None = None
+    b12_result: LabResult | None = None
+    """The latest banded B12 result within the look-back window, if any."""
+    b12_band: Band | None = None
+    mma_result: LabResult | None = None
+
+
+def band_b12(result: LabResult, settings: Settings) -> Band | None:
+    """NICE NG239 total-B12 band of a result (cut-offs configurable), None when not readable.
+
+    < low cut-off: low; > normal cut-off: normal; otherwise (both limits included, e.g. exactly
+    180 or 350 ng/L) indeterminate.  A censored value ("<150", ">2000") is banded only when the
+    whole censored range falls in one band."""
+    v = result.value_ng_l
+    if v is None:
+        return None
+    low, high = settings.b12_low_below_ng_l, settings.b12_normal_above_ng_l
+    if result.comparator in ("<", "<="):
+        return "low" if v <= low else None
+    if result.comparator in (">", ">="):
+        return "normal" if v >= high else None
+    if v < low:
+        return "low"
+    if v > high:
+        return "normal"
+    return "indeterminate"
+
+
+def _days_ago(on: date, today: date) -> int:
+    return (today - on).days
+
+
+def latest_banded_b12(facts: PatientFacts, settings: Settings) -> tuple[LabResult, Band] | None:
+    """The newest B12 result within `result_lookback_days` that can be banded."""
+    for result in facts.b12_results:  # newest first
+        if result.on is None or _days_ago(result.on, facts.today) > settings.result_lookback_days:
+            continue
+        band = band_b12(result, settings)
+        if band is not None:
+            return result, band
+    return None
+
+
+def decide(facts: PatientFacts, settings: Settings) -> Decision:
+    """Apply rules 1-8 of issue #2 in order."""
+    # Rule 1. Neck pain is the trigger; a known deficiency or active replacement means the
+    # question is already answered (NICE NG239: no re-testing on established replacement).
+    if not facts.neck_pain:
+        return Decision(None, NO_NECK_PAIN)
+    if facts.already_handled:
+        return Decision(None, ALREADY_HANDLED)
+
+    latest = latest_banded_b12(facts, settings)
+    result, band = latest if latest else (None, None)
+
+    # Rule 2. A low result (< 180 ng/L, NICE NG239; AAFP 2025 "diagnostic") in the last year is
+    # acted on whatever the risk factors: confirm and treat.  No order suggestion.
+    if band == "low":
+        return Decision("low-b12", LOW_RESULT, "warning", result, band)
+
+    # Rule 3. NICE NG239 / AAFP 2025: test only with >= 1 risk factor (no population screening).
+    if not facts.risk_factors:
+        return Decision(None, NO_RISK_FACTOR, b12_result=result, b12_band=band)
+
+    # Rule 4. Timing.  Acute neck pain is most often mechanical (NHS CKS neck pain); neck pain is
+    # not itself a NICE NG239 symptom, so we need chronic pain or neuropathic features (NG239
+    # common symptoms: paraesthesia, numbness, peripheral neuropathy).  A documented compressive
+    # cause (disc, spondylosis, stenosis) already explains radicular symptoms.
+    if not (facts.chronic or (facts.neuropathic and not facts.compressive)):
+        return Decision(None, ACUTE_OR_EXPLAINED, b12_result=result, b12_band=band)
+
+    # Rule 5. A B12/MMA test already ordered (or being ordered in this session): no duplicate.
+    if facts.pending_orders:
+        return Decision(None, PENDING_ORDER, b12_result=result, b12_band=band)
+
+    # Rule 6. Any B12 result in the last 56 days (lab minimum re-test interval, Leeds THT; a
+    # design choice, no guideline interval), readable or not; then a normal result within the
+    # look-back year (NICE NG239: > 350 ng/L deficiency unlikely).
+    if any(r.on is not None and _days_ago(r.on, facts.today) <= settings.recent_test_days
+           for r in facts.b12_results):
+        return Decision(None, RECENT_TEST, b12_result=result, b12_band=band)
+    if band == "normal":
+        return Decision(None, RECENT_NORMAL, b12_result=result, b12_band=band)
+
+    indicator: Literal["info", "warning"] = "warning" if (facts.neuropathic or facts.red_flags) else "info"
+
+    # Rule 7. Indeterminate (180-350 ng/L): MMA is the second-line test (NICE NG239; BSH 2014;
+    # AAFP 2025), unless an MMA result dated on/after that B12 result exists.
+    if band == "indeterminate" and result is not None:
+        mma = next((m for m in facts.mma_results if m.on is not None and m.on >= result.on), None)
+        if mma is not None:
+            return Decision(None, MMA_DONE, b12_result=result, b12_band=band, mma_result=mma)
+        return Decision("mma-test", INDETERMINATE_RESULT, indicator, result, band)
+
+    # Rule 8. Risk factor + (chronic pain or neuropathic features), no recent result: offer a
+    # serum B12 test (NICE NG239 initial test; BSH 2014 first line; ADA/MHRA for metformin).
+    return Decision("b12-test", RISK_AND_SYMPTOMS, indicator, result, band)
