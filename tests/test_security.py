@@ -602,3 +602,133 @@ def _b64decode(segment: str) -> bytes:
     import base64
 
     return base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4))
+
+
+# ---------------------------------------------------------------------------------------------
+# Through HTTP: the hook and feedback endpoints, the real store, the logs
+# ---------------------------------------------------------------------------------------------
+
+SERVICE_IDS = ("b12-neck-pain-patient-view", "b12-neck-pain-order-select", "b12-neck-pain-order-sign")
+PATIENT_FAMILY, PATIENT_GIVEN = "Zebedeeson", "Quillanora"
+FHIR_ACCESS_TOKEN = "opaque-fhir-access-token-7f3a9c1e"
+UNAUTHORIZED = {"resourceType": "OperationOutcome",
+                "issue": [{"severity": "error", "code": "login", "diagnostics": "unauthorized"}]}
+
+
+def patient_view_body() -> dict[str, Any]:
+    """A complete patient-view call carrying a patient name and a FHIR access token."""
+    empty = {"resourceType": "Bundle", "type": "searchset", "entry": []}
+    keys = ("conditions", "labResults", "findings", "findingValues", "medicationRequests",
+            "medicationStatements", "procedures", "serviceRequests")
+    return {
+        "hook": "patient-view", "hookInstance": "2f0d3c1e-5b7a-4f44-9a55-hook-log-test",
+        "fhirServer": "https://fhir.example.org/r4",
+        "fhirAuthorization": {"access_token": FHIR_ACCESS_TOKEN, "token_type": "Bearer",
+                              "scope": "patient/*.read", "subject": "b12-cds"},
+        "context": {"userId": "Practitioner/doc-1", "patientId": "pat-1"},
+        "prefetch": {
+            "patient": {"resourceType": "Patient", "id": "pat-1", "birthDate": "1941-03-02",
+                        "name": [{"family": PATIENT_FAMILY, "given": [PATIENT_GIVEN]}]},
+            **{k: dict(empty) for k in keys},
+        },
+    }
+
+
+@pytest.fixture
+def secure_app(make_app: Any, tmp_path: Path, ehr: SigningIssuer) -> Any:
+    """App factory with auth ON, trusting `ehr` (JWKS file); every app shares one data directory."""
+    jwks_path = write_jwks(tmp_path, ehr)
+
+    def factory(**overrides: Any) -> flask.Flask:
+        config = {"auth_disabled": False, "public_base_url": BASE,
+                  "trusted_issuers": trusted_issuers_json((ehr, ehr.entry(jwks=jwks_path)))}
+        config.update(overrides)
+        return make_app(**config)
+
+    return factory
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@pytest.mark.parametrize("service_id", SERVICE_IDS)
+def test_hook_endpoint_answers_401_bare_outcome_without_valid_token(secure_app: Any, ehr: SigningIssuer,
+                                                                    service_id: str) -> None:
+    client = secure_app().test_client()
+    path = f"/cds-services/{service_id}"
+    for headers in ({}, bearer("garbage"), bearer(unsigned_token(ehr, BASE + path)),
+                    bearer(ehr.token(BASE + "/cds-services/another-service"))):
+        resp = client.post(path, json={"hook": "patient-view"}, headers=headers)
+        assert resp.status_code == 401
+        assert resp.get_json() == UNAUTHORIZED
+
+
+def test_hook_endpoint_accepts_a_valid_token(secure_app: Any, ehr: SigningIssuer) -> None:
+    client = secure_app().test_client()
+    resp = client.post(PATH, json=patient_view_body(), headers=bearer(ehr.token(AUD)))
+    assert resp.status_code == 200, resp.get_data(as_text=True)
+    assert "cards" in resp.get_json()
+
+
+def test_authentication_comes_before_request_validation(secure_app: Any) -> None:
+    """An unauthenticated caller learns nothing about the body rules: 401, not 400."""
+    resp = secure_app().test_client().post(PATH, json={"not": "a hook call"})
+    assert resp.status_code == 401 and resp.get_json() == UNAUTHORIZED
+
+
+def test_feedback_endpoint_requires_a_token_for_its_own_url(secure_app: Any, ehr: SigningIssuer) -> None:
+    client = secure_app().test_client()
+    feedback = PATH + "/feedback"
+    assert client.post(feedback, json={}).get_json() == UNAUTHORIZED
+    assert client.post(feedback, json={}, headers=bearer(ehr.token(AUD))).status_code == 401
+    # With a valid token the request gets past authentication (and fails body validation instead).
+    assert client.post(feedback, json={}, headers=bearer(ehr.token(BASE + feedback))).status_code == 400
+
+
+def test_replay_is_rejected_by_a_second_app_sharing_the_database(secure_app: Any, ehr: SigningIssuer,
+                                                                   auth_log: LogCapture) -> None:
+    worker_a, worker_b = secure_app().test_client(), secure_app().test_client()
+    token = ehr.token(AUD)
+    assert worker_a.post(PATH, json=patient_view_body(), headers=bearer(token)).status_code == 200
+    replay = worker_b.post(PATH, json=patient_view_body(), headers=bearer(token))
+    assert replay.status_code == 401 and replay.get_json() == UNAUTHORIZED
+    assert auth_log.reasons() == ["replayed_jti"]
+    assert worker_b.post(PATH, json=patient_view_body(), headers=bearer(ehr.token(AUD))).status_code == 200
+
+
+def test_demo_mode_app_accepts_its_own_demo_tokens(secure_app: Any) -> None:
+    app = secure_app(demo_mode=True)
+    demo = app.extensions["cds"].verifier.demo_issuer
+    client = app.test_client()
+    assert client.post(PATH, json=patient_view_body(), headers=bearer(demo.mint(AUD))).status_code == 200
+    other = secure_app(demo_mode=False).test_client()
+    assert other.post(PATH, json=patient_view_body(), headers=bearer(demo.mint(AUD))).status_code == 401
+
+
+def test_tokens_jwts_and_patient_names_never_reach_the_logs(
+        secure_app: Any, ehr: SigningIssuer, auth_log: LogCapture, caplog: pytest.LogCaptureFixture,
+        capfd: pytest.CaptureFixture[str]) -> None:
+    caplog.set_level(logging.DEBUG)
+    client = secure_app().test_client()
+    jwt_token = ehr.token(AUD)
+    forged = tamper_payload(ehr.token(AUD), tenant="x")
+    body = patient_view_body()
+
+    assert client.post(PATH, json=body, headers=bearer(jwt_token)).status_code == 200
+    assert client.post(PATH, json=body, headers=bearer(jwt_token)).status_code == 401  # replay
+    assert client.post(PATH, json=body, headers=bearer(forged)).status_code == 401  # bad signature
+    assert client.post(PATH + "/feedback", json=body, headers=bearer(jwt_token)).status_code == 401
+
+    assert any(getattr(r, "event", None) == "hook" for r in auth_log.records), "hook log lines expected"
+    assert set(auth_log.reasons()) == {"replayed_jti", "bad_signature", "wrong_aud"}
+    captured = capfd.readouterr()
+    everything = "\n".join([
+        auth_log.text,                                          # the JSON lines as written
+        "\n".join(repr(vars(r)) for r in auth_log.records),     # every attribute, even unformatted extras
+        caplog.text, captured.out, captured.err,                # anything else that was logged or printed
+    ])
+    secrets = [jwt_token, *jwt_token.split("."), forged.split(".")[2], FHIR_ACCESS_TOKEN,
+               PATIENT_FAMILY, PATIENT_GIVEN]
+    leaked = [s[:12] + "..." for s in secrets if s in everything]
+    assert not leaked, f"secrets found in logs: {leaked}"
