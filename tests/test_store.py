@@ -1,0 +1,329 @@
+"""Storage contract: issued cards, idempotent feedback, the acceptance report, the JWT replay cache.
+
+`StoreContract` holds the dialect-independent tests; `TestSqliteStore` runs them on SQLite here
+and `tests/integration/test_postgres.py` runs the same class against a real PostgreSQL server.
+A subclass provides the `open_store` fixture: a factory returning a freshly migrated `Store`
+(calling it twice gives two `Store` objects on the same database, as two workers would have).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import multiprocessing
+import os
+import stat
+import threading
+import time
+from collections.abc import Callable
+from datetime import date, timedelta, timezone, datetime
+from pathlib import Path
+
+import pytest
+
+from cds_service.config import Settings
+from cds_service.store import SCHEMA_VERSION, IssuedCard, Store
+
+SVC = "b12-neck-pain-patient-view"
+OTHER_SVC = "b12-neck-pain-order-sign"
+TS = "2024-03-01T10:00:00.000000Z"
+
+
+def accepted(card: str, *suggestions: str, ts: str = TS) -> dict:
+    return {"card": card, "outcome": "accepted",
+            "acceptedSuggestions": [{"id": s} for s in suggestions], "outcomeTimestamp": ts}
+
+
+def overridden(card: str, *, code: str | None = None, comment: str | None = None,
+               ts: str = TS) -> dict:
+    entry: dict = {"card": card, "outcome": "overridden", "outcomeTimestamp": ts}
+    reason: dict = {}
+    if code:
+        reason["reason"] = {"system": "https://example.org/override", "code": code,
+                            "display": f"Reason {code}"}
+    if comment:
+        reason["userComment"] = comment
+    if reason:
+        entry["overrideReason"] = reason
+    return entry
+
+
+def _remember_in_child(store: Store, jti: str, results: "multiprocessing.Queue[bool]") -> None:
+    results.put(store.remember_jti("https://ehr.example.org", jti, time.time() + 300))
+
+
+class StoreContract:
+    """Behaviour every storage backend must have."""
+
+    @pytest.fixture
+    def store(self, open_store: Callable[[], Store]) -> Store:
+        store = open_store()
+        yield store
+        store.close()
+
+    # --- schema ----------------------------------------------------------------------------
+
+    def test_schema_is_created_and_reopening_does_not_migrate_again(self, open_store):
+        first = open_store()
+        assert first.schema_version() == SCHEMA_VERSION
+        second = open_store()  # a second worker starting on the same database
+        assert second.schema_version() == SCHEMA_VERSION
+        first.close()
+        second.close()
+
+    # --- issued cards ----------------------------------------------------------------------
+
+    def test_issued_cards_store_a_keyed_hash_of_the_patient_never_the_id(self, store):
+        store.record_issued_cards(SVC, "hook-1", "patient-secret-42",
+                                  [IssuedCard("card-1", "consider-b12-test", ("sg-1",))])
+        with store._transaction(write=False) as cur:
+            rows = cur.execute("SELECT card_uuid, service_id, kind, hook_instance, patient_hash"
+                               " FROM issued_cards").fetchall()
+        assert len(rows) == 1
+        card_uuid, service_id, kind, hook_instance, patient_hash = rows[0]
+        assert (card_uuid, service_id, kind, hook_instance) == ("card-1", SVC, "consider-b12-test",
+                                                               "hook-1")
+        assert "patient-secret-42" not in patient_hash
+        assert patient_hash == store.patient_hash("patient-secret-42")
+        assert patient_hash != hashlib.sha256(b"patient-secret-42").hexdigest()  # keyed, not plain
+        assert store.patient_hash("patient-secret-43") != patient_hash
+
+    def test_recording_the_same_card_twice_is_a_no_op(self, store):
+        card = IssuedCard("card-1", "kind-a", ("sg-1", "sg-1"))
+        store.record_issued_cards(SVC, "hook-1", "p", [card])
+        store.record_issued_cards(SVC, "hook-1", "p", [card])
+        assert store.feedback_report()["totals"]["issued"] == 1
+
+    # --- feedback --------------------------------------------------------------------------
+
+    def test_feedback_is_stored_and_duplicates_are_idempotent(self, store):
+        store.record_issued_cards(SVC, "h", "p", [IssuedCard("c1", "kind-a", ("s1", "s2")),
+                                                  IssuedCard("c2", "kind-a")])
+        entries = [accepted("c1", "s1"), overridden("c2", code="not-relevant", comment="seen")]
+        first = store.save_feedback(SVC, entries)
+        assert (first.stored, first.duplicates, first.unknown_cards) == (2, 0, ())
+        again = store.save_feedback(SVC, entries)
+        assert (again.stored, again.duplicates) == (0, 2)
+        # the same entry twice in one request is stored once
+        twice = store.save_feedback(SVC, [overridden("c2", ts="2024-03-02T00:00:00.000000Z")] * 2)
+        assert (twice.stored, twice.duplicates) == (1, 1)
+        # suggestion order does not make a different report
+        store.save_feedback(SVC, [accepted("c1", "s1", "s2", ts="2024-03-03T00:00:00.000000Z")])
+        swapped = store.save_feedback(SVC, [accepted("c1", "s2", "s1", ts="2024-03-03T00:00:00.000000Z")])
+        assert swapped.duplicates == 1
+        rows = store.feedback_rows()
+        assert len(rows) == 4
+        assert rows[0]["card_uuid"] == "c1" and rows[0]["accepted_suggestions"] == ["s1"]
+        assert rows[1]["reason_code"] == "not-relevant" and rows[1]["user_comment"] == "seen"
+        assert not any(r["unknown_card"] or r["unknown_suggestions"] for r in rows)
+
+    def test_a_changed_field_is_a_new_report_of_the_same_card(self, store):
+        store.record_issued_cards(SVC, "h", "p", [IssuedCard("c1", "kind-a", ("s1",))])
+        base = overridden("c1", code="a")
+        variants = [base, overridden("c1", code="b"), overridden("c1", code="a", comment="x"),
+                    overridden("c1", code="a", ts="2024-03-01T10:00:01.000000Z"), accepted("c1", "s1")]
+        result = store.save_feedback(SVC, variants)
+        assert (result.stored, result.duplicates) == (5, 0)
+
+    def test_unknown_cards_and_suggestions_are_stored_and_flagged(self, store):
+        store.record_issued_cards(SVC, "h", "p", [IssuedCard("c1", "kind-a", ("s1",))])
+        store.record_issued_cards(OTHER_SVC, "h2", "p", [IssuedCard("c-other", "kind-a")])
+        result = store.save_feedback(SVC, [
+            accepted("c1", "s1"), overridden("never-issued"), accepted("c1", "s-bogus"),
+            overridden("c-other")])  # issued, but by another service
+        assert result.stored == 4
+        assert result.unknown_cards == (1, 3)
+        flags = {(r["card_uuid"], tuple(r["accepted_suggestions"])): (r["unknown_card"],
+                                                                      r["unknown_suggestions"])
+                 for r in store.feedback_rows()}
+        assert flags == {("c1", ("s1",)): (False, False), ("never-issued", ()): (True, False),
+                         ("c1", ("s-bogus",)): (False, True), ("c-other", ()): (True, False)}
+
+    def test_save_feedback_is_all_or_nothing(self, store):
+        broken = {"card": "c2", "outcome": "overridden"}  # no outcomeTimestamp: fails mid-request
+        with pytest.raises(KeyError):
+            store.save_feedback(SVC, [overridden("c1"), broken])
+        assert store.feedback_rows() == []
+        assert store.save_feedback(SVC, [overridden("c1")]).stored == 1  # connection still usable
+
+    def test_concurrent_writers_lose_nothing(self, open_store):
+        stores = [open_store() for _ in range(4)]
+        errors: list[BaseException] = []
+
+        def client(n: int) -> None:
+            try:
+                for i in range(40):
+                    stores[n % 4].save_feedback(SVC, [overridden(f"t{n}-{i}")])
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert len(stores[0].feedback_rows()) == 8 * 40
+        for s in stores:
+            s.close()
+
+    # --- report ----------------------------------------------------------------------------
+
+    def test_report_counts_per_kind_with_latest_outcome_and_reasons(self, store):
+        store.record_issued_cards(SVC, "h1", "p1", [
+            IssuedCard("a1", "consider-b12", ("s",)), IssuedCard("a2", "consider-b12", ("s2",)),
+            IssuedCard("a3", "consider-b12"), IssuedCard("a4", "consider-b12"),
+            IssuedCard("a5", "consider-b12"), IssuedCard("b1", "mechanical-first"),
+            IssuedCard("b2", "mechanical-first")])
+        store.save_feedback(SVC, [
+            accepted("a1", "s"),
+            accepted("a1", "s", ts="2024-03-01T09:00:00.000000Z"),        # older report, same card
+            overridden("a2", code="done", ts="2024-03-01T09:00:00.000000Z"),
+            accepted("a2", "s2", ts="2024-03-01T11:00:00.000000Z"),       # changed mind: accepted
+            overridden("a3", code="done"),
+            overridden("a4", code="done"),
+            overridden("a5", comment="patient declined"),
+            overridden("b1"),
+            overridden("ghost", code="done"),                              # never issued
+        ])
+        report = store.feedback_report()
+        kinds = {k["kind"]: k for k in report["kinds"]}
+        b12 = kinds["consider-b12"]
+        assert (b12["issued"], b12["with_feedback"], b12["accepted"], b12["overridden"]) == (5, 5, 2, 3)
+        assert b12["acceptance_rate"] == pytest.approx(0.4)
+        assert b12["override_reasons"] == [{"system": "https://example.org/override", "code": "done",
+                                            "display": "Reason done", "count": 2}]
+        assert b12["overridden_without_coded_reason"] == 1
+        assert b12["overridden_with_comment_only"] == 1
+        mech = kinds["mechanical-first"]
+        assert (mech["issued"], mech["accepted"], mech["overridden"]) == (2, 0, 1)
+        assert mech["acceptance_rate"] == 0.0 and mech["overridden_without_coded_reason"] == 1
+        assert report["totals"] == {"issued": 7, "with_feedback": 6, "accepted": 2, "overridden": 4,
+                                    "acceptance_rate": pytest.approx(2 / 6, abs=1e-4)}
+        assert report["unknown_card_feedback"] == {"entries": 1, "cards": 1}
+
+    def test_report_since_filters_on_issue_date(self, store):
+        store.record_issued_cards(SVC, "h", "p", [IssuedCard("c1", "kind-a")])
+        store.save_feedback(SVC, [overridden("c1"), overridden("ghost")])
+        today = datetime.now(timezone.utc).date()
+        assert store.feedback_report(today)["totals"]["issued"] == 1
+        later = store.feedback_report(today + timedelta(days=1))
+        assert later["kinds"] == [] and later["totals"]["issued"] == 0
+        assert later["totals"]["acceptance_rate"] is None
+        assert later["unknown_card_feedback"]["entries"] == 0
+        assert later["since"] == (today + timedelta(days=1)).isoformat()
+
+    def test_report_of_a_kind_without_feedback_has_no_rate(self, store):
+        store.record_issued_cards(SVC, "h", "p", [IssuedCard("c1", "kind-a")])
+        (kind,) = store.feedback_report()["kinds"]
+        assert (kind["issued"], kind["with_feedback"], kind["acceptance_rate"]) == (1, 0, None)
+
+    # --- JWT replay cache ------------------------------------------------------------------
+
+    def test_jti_replay_is_detected_per_issuer_and_forgotten_after_expiry(self, store):
+        now = time.time()
+        assert store.remember_jti("iss-a", "jti-1", now + 300) is True
+        assert store.remember_jti("iss-a", "jti-1", now + 300) is False
+        assert store.remember_jti("iss-b", "jti-1", now + 300) is True
+        assert store.remember_jti("iss-a", "jti-old", now - 1) is True
+        assert store.remember_jti("iss-a", "jti-old", now + 300) is True  # earlier record expired
+        assert store.remember_jti("iss-a", "jti-old", now + 300) is False
+
+    def test_expired_jti_rows_are_purged(self, store):
+        now = time.time()
+        store.remember_jti("iss", "kept", now + 300)  # first call of the process also purges
+        with store._transaction() as cur:  # rows that expired since, as the verifier leaves them
+            cur.execute("INSERT INTO jti_seen (issuer, jti, expires_at) VALUES (?, ?, ?)",
+                        ("iss", "gone", now - 10))
+        assert store.purge_expired_jti(now) == 1
+        assert store.purge_expired_jti(now) == 0
+        assert store.remember_jti("iss", "kept", now + 300) is False
+
+    def test_jti_is_accepted_once_across_threads(self, open_store):
+        stores = [open_store() for _ in range(3)]
+        results: list[bool] = []
+        barrier = threading.Barrier(12)
+
+        def attempt(n: int) -> None:
+            barrier.wait()
+            results.append(stores[n % 3].remember_jti("iss", "race", time.time() + 300))
+
+        threads = [threading.Thread(target=attempt, args=(n,)) for n in range(12)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert sorted(results) == [False] * 11 + [True]
+        for s in stores:
+            s.close()
+
+    def test_jti_is_accepted_once_across_forked_processes(self, store):
+        # The store was used in this process before forking (as a preloaded gunicorn app would
+        # be): children must open their own connections and still agree on a single winner.
+        store.remember_jti("https://ehr.example.org", "warm-up", time.time() + 300)
+        ctx = multiprocessing.get_context("fork")
+        results = ctx.Queue()
+        procs = [ctx.Process(target=_remember_in_child, args=(store, "forked", results))
+                 for _ in range(6)]
+        for p in procs:
+            p.start()
+        outcomes = [results.get(timeout=60) for _ in procs]
+        for p in procs:
+            p.join(timeout=60)
+            assert p.exitcode == 0
+        assert sorted(outcomes) == [False] * 5 + [True]
+        assert store.remember_jti("https://ehr.example.org", "forked", time.time() + 300) is False
+
+
+class TestSqliteStore(StoreContract):
+    @pytest.fixture
+    def open_store(self, tmp_path: Path) -> Callable[[], Store]:
+        return lambda: Store.open(Settings(data_dir=str(tmp_path / "data")))
+
+    def test_sqlite_runs_in_wal_mode_with_full_sync(self, store, tmp_path):
+        conn = store._connection()
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+        assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+        assert (tmp_path / "data" / "cds.sqlite3").exists()
+
+    def test_generated_patient_key_is_private_and_shared_by_every_worker(self, tmp_path):
+        settings = Settings(data_dir=str(tmp_path / "data"))
+        a, b = Store.open(settings), Store.open(settings)
+        key_file = tmp_path / "data" / "patient_hash.key"
+        assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+        assert a.patient_hash("p1") == b.patient_hash("p1")
+        expected = hmac.new(key_file.read_bytes().strip(), b"p1", hashlib.sha256).hexdigest()
+        assert a.patient_hash("p1") == expected
+
+    def test_configured_patient_key_is_used_and_no_key_file_written(self, tmp_path):
+        store = Store.open(Settings(data_dir=str(tmp_path / "data"), patient_hash_key="s3cret" * 6))
+        assert store.patient_hash("p1") == hmac.new(b"s3cret" * 6, b"p1", hashlib.sha256).hexdigest()
+        assert not (tmp_path / "data" / "patient_hash.key").exists()
+
+    def test_a_database_newer_than_the_code_is_refused(self, tmp_path):
+        settings = Settings(data_dir=str(tmp_path / "data"))
+        store = Store.open(settings)
+        with store._transaction() as cur:
+            cur.execute("INSERT INTO schema_version (version) VALUES (?)", (SCHEMA_VERSION + 1,))
+        store.close()
+        with pytest.raises(RuntimeError, match="newer than this code"):
+            Store.open(settings)
+
+    def test_non_postgres_database_url_is_rejected(self, tmp_path):
+        with pytest.raises(ValueError, match="postgresql://"):
+            Store.open(Settings(data_dir=str(tmp_path), database_url="mysql://x"))
+
+    def test_acknowledged_writes_survive_a_killed_process(self, tmp_path):
+        # A child writes and reports success, then dies without closing anything (os._exit).
+        settings = Settings(data_dir=str(tmp_path / "data"))
+        Store.open(settings).close()
+        pid = os.fork()
+        if pid == 0:  # child
+            try:
+                child = Store.open(settings)
+                child.save_feedback(SVC, [overridden(f"k{i}") for i in range(50)])
+            finally:
+                os._exit(0)
+        os.waitpid(pid, 0)
+        assert len(Store.open(settings).feedback_rows()) == 50
