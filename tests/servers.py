@@ -99,6 +99,8 @@ class StubServer:
                 stub._handle(self)
 
         class QuietServer(ThreadingHTTPServer):
+            request_queue_size = 128  # the default 5 drops concurrent SYNs (1 s retransmit)
+
             def handle_error(self, request: Any, client_address: Any) -> None:
                 pass  # clients hanging up early is what fault tests provoke
 
