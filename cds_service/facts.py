@@ -320,8 +320,8 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
     for key in RISK_FACTOR_ORDER:
         if key == "older-age":
             if age is not None and age >= settings.older_age_years:
-                risks.append(RiskFactor(key, (Evidence("older-age", f"age {age}", "Patient",
-                                                       _s(patient.get("id")) if patient else None),)))
+                label = f"birth date {patient.get('birthDate')}"
+                risks.append(RiskFactor(key, (Evidence("older-age", label, "Patient", _s(patient.get("id"))),)))
         elif col.get(key):
             risks.append(RiskFactor(key, col.get(key)))
 

@@ -1,0 +1,271 @@
+"""Cards: turn a `Decision` plus the `PatientFacts` into a CDS Hooks card.
+
+All wording lives in `cards/*.json` (common.json + one file per card kind) so clinicians can
+review it without reading code; this module only fills placeholders and orders the sections.
+Cards are built only through the `protocol` models, so they are spec-conformant by construction.
+
+Safety of text: anything that came from the patient record (codings' display, `code.text`,
+medication text) goes through `safe_text()`: HTML is stripped by nh3 and markdown control
+characters are escaped, so a display like "[click](https://evil)" or "<img onerror=...>" is shown
+as plain text and cannot become a link or markup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+from typing import Any
+
+import nh3
+
+from cds_service import protocol
+from cds_service.config import Settings
+from cds_service.facts import Evidence, LabResult, PatientFacts
+from cds_service.knowledge import LOINC, Knowledge
+from cds_service.rules import Decision, band_b12
+
+log = logging.getLogger(__name__)
+
+CARD_KINDS: tuple[str, ...] = ("low-b12", "mma-test", "b12-test")
+MMA_LOINC = "13964-2"
+MAX_SUMMARY = 139
+MAX_RECORD_TEXT = 120
+MAX_LIST_ITEMS = 5
+
+# Markdown control characters (CommonMark backslash-escapable punctuation that can start markup).
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
+_URL_SCHEME = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{1,15}):(?=//)")
+_WWW = re.compile(r"(?i)\bwww\.")
+
+
+def safe_text(value: Any, limit: int = MAX_RECORD_TEXT) -> str:
+    """Record text made inert for markdown: one line, HTML removed, markup escaped, autolinks
+    defanged ("https://x" -> "https\\[:\\]//x"), at most `limit` characters."""
+    text = " ".join(str(value).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    text = nh3.clean(text, tags=set())  # strips tags, entity-escapes & < >
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    text = _URL_SCHEME.sub(r"\1\\[:\\]", text)
+    return _WWW.sub(r"www\\[.\\]", text)
+
+
+@dataclass(frozen=True)
+class CardTexts:
+    """The card text files of `cards_dir`."""
+
+    common: dict[str, Any]
+    kinds: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CardTexts":
+        folder = Path(directory)
+        common = json.loads((folder / "common.json").read_text(encoding="utf-8"))
+        kinds = {k: json.loads((folder / f"{k}.json").read_text(encoding="utf-8")) for k in CARD_KINDS}
+        texts = cls(common, kinds)
+        texts.check()
+        return texts
+
+    def check(self) -> None:
+        """Fail at start-up, not mid-request, if a text file is incomplete."""
+        from cds_service.record import PREFETCH_KEYS
+
+        missing = [k for k in PREFETCH_KEYS if k not in self.common["unavailable_data"]]
+        if missing:
+            raise ValueError(f"cards/common.json unavailable_data lacks {missing}")
+        for kind, spec in self.kinds.items():
+            if spec.get("kind") != kind:
+                raise ValueError(f"cards/{kind}.json: kind must be {kind!r}")
+            for code in spec["override_reasons"]:
+                if code not in self.common["override_reasons"]:
+                    raise ValueError(f"cards/{kind}.json: unknown override reason {code!r}")
+
+
+class CardBuilder:
+    """Builds the card for one decision (stateless apart from the loaded texts)."""
+
+    def __init__(self, texts: CardTexts, knowledge: Knowledge, settings: Settings) -> None:
+        self.texts = texts
+        self.knowledge = knowledge
+        self.settings = settings
+
+    # -- public -------------------------------------------------------------------------------
+    def build(self, decision: Decision, facts: PatientFacts, context: Any) -> protocol.Card | None:
+        """The card for `decision` (None when the decision is "no card")."""
+        if decision.kind is None:
+            return None
+        spec = self.texts.kinds[decision.kind]
+        common = self.texts.common
+        suggestions = None
+        if decision.kind in ("b12-test", "mma-test"):
+            suggestion = self._suggestion(decision.kind, spec, facts, context)
+            suggestions = [suggestion] if suggestion else None
+        return protocol.Card(
+            summary=self._summary(decision, spec, facts),
+            detail=self._detail(decision, spec, facts),
+            indicator=decision.indicator or "info",
+            source=protocol.Source(
+                label=common["source"]["label"], url=common["source"]["url"],
+                topic=protocol.Coding(**common["source"]["topic"])),
+            suggestions=suggestions,
+            selectionBehavior="at-most-one" if suggestions else None,
+            overrideReasons=[
+                protocol.OverrideReason(system=common["override_reason_system"], code=code,
+                                        display=common["override_reasons"][code])
+                for code in spec["override_reasons"]],
+            links=[protocol.Link(**link) for link in common["links"]],
+        )
+
+    # -- summary ------------------------------------------------------------------------------
+    def risk_labels(self, facts: PatientFacts) -> list[str]:
+        labels = self.texts.common["risk_factor_labels"]
+        return [labels[r.key].format(age=facts.age_years) for r in facts.risk_factors]
+
+    def _summary(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
+        if decision.kind == "low-b12":
+            r = decision.b12_result
+            return spec["summary"]["result"].format(value=_num(r.value_ng_l), date=_day(r.on))[:MAX_SUMMARY]
+        template = spec["summary"]["chronic" if facts.chronic else "neuropathic"]
+        labels = self.risk_labels(facts)
+        # Name as many top risk factors as fit; the rest become "+N more".
+        for n in range(len(labels), 0, -1):
+            shown = ", ".join(labels[:n]) + (f", +{len(labels) - n} more" if n < len(labels) else "")
+            text = template.format(risks=shown)
+            if len(text) <= MAX_SUMMARY:
+                return text
+        return template.format(risks=f"{len(labels)}")[:MAX_SUMMARY]
+
+    # -- detail -------------------------------------------------------------------------------
+    def _detail(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
+        c = self.texts.common
+        h = c["headings"]
+        s = self.settings
+        parts: list[str] = []
+        if facts.red_flags:  # red flags first: urgent assessment takes priority
+            parts.append(f"**{h['red_flags']}**\n\n{_bullets(facts.red_flags)}\n\n{c['red_flags_advice']}")
+        if facts.mechanical:
+            parts.append(f"**{h['mechanical']}**\n\n{c['mechanical_documented']}\n\n{_bullets(facts.mechanical)}")
+        else:
+            parts.append(f"**{h['mechanical']}**\n\n{c['mechanical_reminder']}")
+        if facts.risk_factors:
+            labels = self.risk_labels(facts)
+            lines = []
+            for label, risk in zip(labels, facts.risk_factors):
+                ev = "; ".join(_evidence(e) for e in risk.evidence[:MAX_LIST_ITEMS])
+                lines.append(f"- {safe_text(label)}: {ev}")
+            parts.append(f"**{h['risk_factors']}**\n\n" + "\n".join(lines))
+        parts.append(f"**{h['neuropathic']}**\n\n"
+                     + (_bullets(facts.neuropathic) if facts.neuropathic else c["neuropathic_none"]))
+        parts.append(f"**{h['results']}**\n\n{self._results(facts)}")
+        parts.append(spec["advice"].format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l),
+                                           recent_days=s.recent_test_days))
+        if facts.unavailable:
+            wording = c["unavailable_data"]
+            missing = [wording.get(k, safe_text(k)) for k in sorted(facts.unavailable)]
+            parts.append(f"**{h['unavailable']}**\n\n{c['unavailable_intro']} " + ", ".join(missing) + ".")
+        parts.append(f"_{c['evidence_note']}_")
+        return "\n\n".join(parts)
+
+    def _results(self, facts: PatientFacts) -> str:
+        lines = []
+        if facts.b12_results:
+            lines.append("- " + self._b12_line(facts.b12_results[0]))
+        if facts.mma_results:
+            m = facts.mma_results[0]
+            value = f"{_num(m.value)} {safe_text(m.unit, 20)}" if m.value is not None and m.unit else (
+                _num(m.value) if m.value is not None else "value not readable")
+            lines.append(f"- MMA {value} on {_day(m.on)}")
+        return "\n".join(lines) if lines else self.texts.common["no_results"]
+
+    def _b12_line(self, r: LabResult) -> str:
+        s = self.settings
+        bands = self.texts.common["band_labels"]
+        band = band_b12(r, s)
+        band_text = bands[band or "unbanded"].format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l))
+        if r.value_ng_l is not None:
+            comparator = safe_text(r.comparator, 2) if r.comparator else ""
+            value = f"{comparator}{_num(r.value_ng_l)} ng/L"
+            if r.unit and r.unit.replace(" ", "").lower() == "pmol/l":
+                value += f" ({comparator}{_num(r.value)} pmol/L)"
+        elif r.value is not None:
+            value = f"{_num(r.value)} {safe_text(r.unit or '', 20)}".strip()
+        else:
+            value = "value not readable"
+        return f"B12 {value} on {_day(r.on)}: {band_text}"
+
+    # -- suggestion ---------------------------------------------------------------------------
+    def _suggestion(self, kind: str, spec: dict[str, Any], facts: PatientFacts,
+                    context: Any) -> protocol.Suggestion | None:
+        loinc = MMA_LOINC if kind == "mma-test" else self.settings.b12_order_loinc
+        vs = "mma-lab" if kind == "mma-test" else "b12-lab"
+        resource = build_service_request(
+            loinc=loinc, display=self.knowledge.display(vs, LOINC, loinc) or spec["suggestion"]["code_text"],
+            text=spec["suggestion"]["code_text"], facts=facts, context=context, intent=self.settings.order_intent)
+        if resource is None:
+            return None
+        return protocol.Suggestion(
+            label=spec["suggestion"]["label"], isRecommended=True,
+            actions=[protocol.Action(type="create", description=spec["suggestion"]["action"], resource=resource)])
+
+
+def build_service_request(*, loinc: str, display: str, text: str, facts: PatientFacts, context: Any,
+                          intent: str) -> dict[str, Any] | None:
+    """A draft ServiceRequest for a lab test, validated with fhir.resources R4B (None if invalid,
+    e.g. a misconfigured intent: the card is then shown without a suggestion)."""
+    from fhir.resources.R4B.servicerequest import ServiceRequest
+
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "status": "draft",
+        "intent": intent,
+        "code": {"coding": [{"system": LOINC, "code": loinc, "display": display}], "text": text},
+        "subject": {"reference": f"Patient/{facts.patient_id}"},
+    }
+    encounter_id = getattr(context, "encounter_id", None)
+    if encounter_id:
+        resource["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    user_id = getattr(context, "user_id", "") or ""
+    if user_id.partition("/")[0] in ("Practitioner", "PractitionerRole") and user_id.partition("/")[2]:
+        resource["requester"] = {"reference": user_id}
+    refs = list(dict.fromkeys(e.reference for e in facts.neck_pain if e.reference))
+    if refs:
+        resource["reasonReference"] = [{"reference": ref} for ref in refs]
+    else:
+        resource["reasonCode"] = [{"text": "Neck pain"}]
+    try:
+        ServiceRequest.model_validate(resource)
+    except Exception:  # noqa: BLE001 - never let an invalid suggestion break the card
+        log.warning("invalid ServiceRequest suggestion", extra={"event": "invalid_suggestion"})
+        return None
+    return resource
+
+
+# --- formatting helpers -----------------------------------------------------------------------
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+def _day(on: date | None) -> str:
+    return on.isoformat() if on else "unknown date"
+
+
+def _evidence(e: Evidence) -> str:
+    when = f" ({e.on.isoformat()})" if e.on else ""
+    return f"{safe_text(e.label)}{when}"
+
+
+def _bullets(items: tuple[Evidence, ...]) -> str:
+    seen: dict[str, None] = {}
+    for e in items:
+        seen.setdefault(_evidence(e))
+    lines = [f"- {x}" for x in list(seen)[:MAX_LIST_ITEMS]]
+    if len(seen) > MAX_LIST_ITEMS:
+        lines.append(f"- and {len(seen) - MAX_LIST_ITEMS} more")
+    return "\n".join(lines)
