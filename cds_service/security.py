@@ -399,7 +399,10 @@ class RequestVerifier:
         jti = claims["jti"]
         if not isinstance(jti, str) or not jti or len(jti) > MAX_JTI_LENGTH:
             raise AuthFailure("invalid_jti")
-        if not isinstance(claims["exp"], (int, float)) or claims["exp"] - claims["iat"] > MAX_TOKEN_LIFETIME_SECONDS:
+        exp, iat = claims["exp"], claims["iat"]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (exp, iat)):
+            raise AuthFailure("invalid_claims")  # NumericDate must be a JSON number, not a string
+        if exp - iat > MAX_TOKEN_LIFETIME_SECONDS:
             raise AuthFailure("lifetime_too_long")
         return claims
 

@@ -377,6 +377,13 @@ def test_overlong_lifetime_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_
     assert_rejected(file_verifier(tmp_path, ehr), token, "lifetime_too_long", auth_log)
 
 
+@pytest.mark.parametrize("claim", ["exp", "iat"])
+def test_numeric_date_given_as_string_is_rejected(tmp_path: Path, ehr: SigningIssuer, auth_log: LogCapture,
+                                                  claim: str) -> None:
+    value = str(int(time.time()) + (200 if claim == "exp" else 0))
+    assert_rejected(file_verifier(tmp_path, ehr), ehr.token(AUD, **{claim: value}), "invalid_claims", auth_log)
+
+
 def test_algorithm_must_match_the_key(tmp_path: Path, auth_log: LogCapture) -> None:
     """A PS256 token whose kid names a key published for RS256 is refused (no algorithm switching)."""
     rsa = make_issuer("RS256")
