@@ -216,8 +216,8 @@ class Store:
         Yields a cursor wrapper taking `?` placeholders.  SQLite write transactions take the
         write lock at BEGIN (`BEGIN IMMEDIATE`), so they never fail half-way on lock upgrade.
         """
-        conn = self._connection()
         if self.dialect == "sqlite":
+            conn = self._connection()
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield _Cursor(conn.cursor(), self.dialect)
@@ -227,8 +227,32 @@ class Store:
                 raise
             conn.execute("COMMIT")
         else:
-            with conn.transaction(), conn.cursor() as cur:
-                yield _Cursor(cur, self.dialect)
+            conn = self._begin_postgres()
+            try:
+                with conn.cursor() as cur:
+                    yield _Cursor(cur, self.dialect)
+            except BaseException:
+                if not _is_broken(conn):
+                    conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    def _begin_postgres(self) -> Any:
+        """BEGIN on this thread's connection; a connection found dead (server restart, idle
+        timeout) is replaced once: nothing was sent yet, so the retry is safe."""
+        import psycopg
+
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                conn.execute("BEGIN")
+                return conn
+            except psycopg.OperationalError:
+                if attempt == 2 or not _is_broken(conn):
+                    raise
+                log.warning("database connection lost; reconnecting",
+                            extra={"event": "db_reconnect"})
+        raise AssertionError("unreachable")
 
     def _migrate(self) -> None:
         with self._transaction() as cur:
