@@ -4,7 +4,8 @@ Each file is a FHIR R4 ValueSet whose `compose.include` lists either
 - exact concepts (`system` + `concept[].code`), or
 - an ICD-10-CM family: an include carrying the extension `PREFIX_EXTENSION` (valueString = the
   family prefix, e.g. "E11" or "M50.1") plus a FHIR `filter` (property "code", op "regex",
-  value "<prefix>.*") so generic FHIR tooling reads the same meaning.
+  value "<prefix>.*") so generic FHIR tooling reads the same meaning; `PREFIX_DISPLAY_EXTENSION`
+  names the family (used as the label when a record's coding has no display).
 
 Medication value sets also carry `INGREDIENT_EXTENSION` entries (valueString = an ingredient name,
 e.g. "metformin"): records that code a product we do not list (an RxNorm SCD/SBD, a local code)
@@ -24,6 +25,7 @@ BASE_URL = "https://b12-neck-cds.example.org"
 PREFIX_EXTENSION = f"{BASE_URL}/StructureDefinition/code-prefix"
 INGREDIENT_EXTENSION = f"{BASE_URL}/StructureDefinition/ingredient-name"
 UNVERIFIED_EXTENSION = f"{BASE_URL}/StructureDefinition/unverified-concept"
+PREFIX_DISPLAY_EXTENSION = f"{BASE_URL}/StructureDefinition/code-prefix-display"
 
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -72,6 +74,8 @@ class ValueSetDef:
     """(system, code, display) for exact concepts."""
     prefixes: tuple[tuple[str, str], ...]
     """(system, prefix) for code families (ICD-10-CM)."""
+    prefix_displays: tuple[str, ...] = ()
+    """Display of each family, parallel to `prefixes`."""
     ingredient_names: tuple[str, ...] = ()
     """Lower-case ingredient names for text matching of medications."""
 
@@ -79,6 +83,11 @@ class ValueSetDef:
         for s, c, d in self.codes:
             if s == system and c == code:
                 return d
+        if system == ICD10CM:
+            code = normalize_code(system, code)
+            for (s, prefix), d in zip(self.prefixes, self.prefix_displays):
+                if s == system and code.startswith(prefix):
+                    return d
         return None
 
 
@@ -178,11 +187,13 @@ def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
     name = resource["name"]
     codes: list[tuple[str, str, str]] = []
     prefixes: list[tuple[str, str]] = []
+    prefix_displays: list[str] = []
     for include in resource.get("compose", {}).get("include", []):
         system = include["system"]
         prefix = _extension_value(include, PREFIX_EXTENSION, "valueString")
         if prefix:
             prefixes.append((system, prefix))
+            prefix_displays.append(_extension_value(include, PREFIX_DISPLAY_EXTENSION, "valueString") or prefix)
             continue
         if include.get("filter"):
             # A filter we cannot evaluate would silently match nothing: refuse it.
@@ -192,7 +203,8 @@ def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
     names = tuple(e["valueString"].lower() for e in resource.get("extension", [])
                   if e.get("url") == INGREDIENT_EXTENSION)
     return ValueSetDef(name=name, title=resource.get("title", name), url=resource.get("url", ""),
-                       codes=tuple(codes), prefixes=tuple(prefixes), ingredient_names=names)
+                       codes=tuple(codes), prefixes=tuple(prefixes),
+                       prefix_displays=tuple(prefix_displays), ingredient_names=names)
 
 
 def _extension_value(element: dict[str, Any], url: str, key: str) -> Any:
