@@ -138,6 +138,7 @@ class Store:
         self._patient_key = patient_hash_key
         self._local = threading.local()
         self._all_conns: list[tuple[int, Any]] = []
+        self._inherited: list[Any] = []
         self._conns_lock = threading.Lock()
         self._next_purge = 0.0
 
@@ -156,8 +157,12 @@ class Store:
             store = cls("postgresql", database_url=url, patient_hash_key=key)
         else:
             data_dir = Path(settings.data_dir)
-            data_dir.mkdir(parents=True, exist_ok=True)
-            store = cls("sqlite", sqlite_path=data_dir / SQLITE_FILENAME, patient_hash_key=key)
+            data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            path = data_dir / SQLITE_FILENAME
+            # Free-text comments and patient hashes live here: owner-only. SQLite gives the
+            # -wal and -shm files the database file's permissions.
+            os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+            store = cls("sqlite", sqlite_path=path, patient_hash_key=key)
         store._migrate()
         store.close()  # nothing stays open across a fork; workers reconnect lazily
         return store
@@ -181,16 +186,21 @@ class Store:
         conn = getattr(self._local, "conn", None)
         if conn is not None and self._local.pid == pid and not _is_broken(conn):
             return conn
-        if conn is not None and self._local.pid == pid:
+        if conn is not None and self._local.pid == pid:  # broken: replace it
             try:
                 conn.close()
             except Exception:  # noqa: BLE001
                 pass
+            with self._conns_lock:
+                self._all_conns = [(o, c) for o, c in self._all_conns if c is not conn]
         conn = self._connect()
         self._local.conn, self._local.pid = conn, pid
         with self._conns_lock:
-            # forget connections inherited from a parent process without closing them
-            self._all_conns = [(o, c) for o, c in self._all_conns if o == pid and c is not conn]
+            # Connections inherited through fork() belong to the parent: never use or close them
+            # here (closing would disturb the parent's locks or session); keep them referenced
+            # so garbage collection does not close them either.
+            self._inherited.extend(c for o, c in self._all_conns if o != pid)
+            self._all_conns = [(o, c) for o, c in self._all_conns if o == pid]
             self._all_conns.append((pid, conn))
         return conn
 
@@ -233,7 +243,10 @@ class Store:
                     yield _Cursor(cur, self.dialect)
             except BaseException:
                 if not _is_broken(conn):
-                    conn.execute("ROLLBACK")
+                    try:
+                        conn.execute("ROLLBACK")
+                    except Exception:  # noqa: BLE001 - keep the original error
+                        pass
                 raise
             conn.execute("COMMIT")
 
@@ -539,7 +552,7 @@ def _patient_hash_key(settings: Settings) -> bytes:
     if settings.patient_hash_key:
         return settings.patient_hash_key.encode("utf-8")
     data_dir = Path(settings.data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = data_dir / PATIENT_KEY_FILENAME
     if not path.exists():
         tmp = data_dir / f".{PATIENT_KEY_FILENAME}.{os.getpid()}.{secrets.token_hex(4)}"

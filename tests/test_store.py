@@ -285,7 +285,10 @@ class TestSqliteStore(StoreContract):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
-        assert (tmp_path / "data" / "cds.sqlite3").exists()
+        db = tmp_path / "data" / "cds.sqlite3"
+        store.save_feedback(SVC, [overridden("c1", comment="free text may name the patient")])
+        for path in (db, db.with_name("cds.sqlite3-wal")):
+            assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
     def test_generated_patient_key_is_private_and_shared_by_every_worker(self, tmp_path):
         settings = Settings(data_dir=str(tmp_path / "data"))
