@@ -385,6 +385,9 @@ class PatientDataGatherer:
 
         missing_required = [k for k in templates
                             if k in REQUIRED_KEYS and not data[k].ok and not data[k].resources]
+        if "patient" in data and "patient" not in missing_required and not any(
+                r.get("resourceType") == "Patient" for r in data["patient"].resources):
+            missing_required.insert(0, "patient")  # e.g. prefetched as null: nothing to evaluate
         if missing_required:
             raise CdsError(412, "required FHIR data could not be obtained (not prefetched"
                                 + (", and the FHIR server did not provide it" if server_ok else

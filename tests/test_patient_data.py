@@ -213,8 +213,7 @@ def test_empty_searchset_means_no_data() -> None:
     {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]},
     {"resourceType": "Bundle", "type": "searchset",
      "entry": [{"resource": {"resourceType": "OperationOutcome", "issue": []}}]},
-    "not a resource",
-], ids=["outcome", "bundle-of-outcomes", "string"])
+], ids=["outcome", "bundle-of-outcomes"])
 def test_absent_or_error_values_are_fetched_with_the_token(bad_value: Any) -> None:
     prefetch = full_prefetch()
     del prefetch["procedures"]
@@ -296,6 +295,15 @@ def test_missing_required_data_without_server_is_412_naming_the_keys(missing: tu
     for key in missing:
         assert key in err.value.diagnostics
     assert err.value.outcome()["issue"][0]["code"] == "incomplete"
+
+
+def test_null_patient_is_412_not_fetched() -> None:
+    with StubServer() as stub:
+        with pytest.raises(CdsError) as err:
+            PatientDataGatherer(settings(fhir_allowlist=stub.base)).gather(
+                request(prefetch=full_prefetch() | {"patient": None}, fhir_server=stub.base + "/fhir"), TEMPLATES)
+        assert stub.requests == []
+    assert err.value.status == 412 and "patient" in err.value.diagnostics
 
 
 def test_no_prefetch_and_empty_allowlist_is_412_without_any_call() -> None:
