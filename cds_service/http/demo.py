@@ -28,7 +28,7 @@ from datetime import date, datetime, timezone
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, unquote
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 from flask import Blueprint, Response, request, send_from_directory
 
@@ -418,18 +418,26 @@ def demo_issuer() -> Any:
     return issuer or _issuer_for(services().settings.data_dir)
 
 
+def _own_origins(public_base_url: str) -> set[str]:
+    origins = {request.host_url.rstrip("/")}
+    if public_base_url:
+        parts = urlsplit(public_base_url)
+        origins.add(f"{parts.scheme}://{parts.netloc}")
+    return origins
+
+
 @blueprint.post("/demo/api/token")
 def token() -> Response:
     """Mint a demo-issuer JWT for a call to `path` on this service (same-origin pages only)."""
+    settings = services().settings
     origin = request.headers.get("Origin")
-    if origin is not None and origin.rstrip("/") != request.host_url.rstrip("/"):
+    if origin is not None and origin.rstrip("/") not in _own_origins(settings.public_base_url):
         raise CdsError(403, "demo tokens are only minted for the demo page itself")
     body = request.get_json(silent=True)
     path = body.get("path") if isinstance(body, dict) else None
     if not isinstance(path, str) or not TOKEN_PATHS.match(path):
         raise bad_request("path must be /cds-services, /cds-services/<id>[/feedback] or /admin/feedback-report",
                           "path")
-    settings = services().settings
     base = (settings.public_base_url or request.host_url).rstrip("/")
     audience = base + path
     return json_response({"token": demo_issuer().mint(audience), "audience": audience})

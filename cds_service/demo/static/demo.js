@@ -1,7 +1,7 @@
 /* Demo EHR: fires CDS Hooks at this service the way an EHR does and renders the cards.
  *
  * Plain browser JavaScript, no dependencies. Every piece of text from the service or the demo data
- * reaches the page through textContent / createTextNode (never innerHTML), and card `detail`
+ * reaches the page through textContent / createTextNode (never parsed as HTML), and card `detail`
  * markdown is rendered by a small subset renderer that builds DOM nodes, so no HTML in the data can
  * become markup. Only http(s) link targets are made clickable.
  */
