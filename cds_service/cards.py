@@ -35,6 +35,9 @@ MMA_LOINC = "13964-2"
 MAX_SUMMARY = 139
 MAX_RECORD_TEXT = 120
 MAX_LIST_ITEMS = 5
+REQUEST_INTENTS = frozenset({"proposal", "plan", "directive", "order", "original-order", "reflex-order",
+                             "filler-order", "instance-order", "option"})
+"""FHIR R4 ServiceRequest.intent codes (required binding; fhir.resources does not check it)."""
 
 # Markdown control characters (CommonMark backslash-escapable punctuation that can start markup).
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
@@ -218,6 +221,9 @@ def build_service_request(*, loinc: str, display: str, text: str, facts: Patient
     e.g. a misconfigured intent: the card is then shown without a suggestion)."""
     from fhir.resources.R4B.servicerequest import ServiceRequest
 
+    if intent not in REQUEST_INTENTS:
+        log.warning("invalid ServiceRequest intent", extra={"event": "invalid_suggestion"})
+        return None
     resource: dict[str, Any] = {
         "resourceType": "ServiceRequest",
         "status": "draft",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import datetime, timezone
 
 from cds_service import protocol
-from cds_service.cards import CardBuilder, CardTexts
+from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts
 from cds_service.config import Settings
 from cds_service.facts import PatientFacts, derive_facts
 from cds_service.knowledge import LOINC, Knowledge
@@ -47,6 +47,8 @@ class ClinicalEngine:
         knowledge = Knowledge.load(settings.valuesets_dir)
         if (LOINC, settings.b12_order_loinc) not in knowledge.valueset_codes("b12-lab"):
             raise ValueError(f"b12_order_loinc {settings.b12_order_loinc!r} is not in the b12-lab value set")
+        if settings.order_intent not in REQUEST_INTENTS:
+            raise ValueError(f"order_intent {settings.order_intent!r} is not a ServiceRequest intent")
         return cls(settings, knowledge, CardTexts.load(settings.cards_dir))
 
     def valueset_codes(self, name: str) -> list[tuple[str, str]]:
