@@ -384,3 +384,24 @@ def test_hostile_card_text_is_shown_as_text(demo: Page) -> None:
     assert "<img src=y" in card.locator(".dismiss-form").inner_text()
     card.locator(".card-summary").hover()
     assert demo.page.evaluate("() => window.__pwned") is None
+
+
+# ---------------------------------------------------------------------------------------------
+# The README's screenshot
+# ---------------------------------------------------------------------------------------------
+
+
+def test_screenshot_of_a_card(demo: Page) -> None:
+    """Saves test-artifacts/demo-card.png; with B12_UPDATE_DOCS_SCREENSHOT=1 also docs/demo-screenshot.png."""
+    demo.page.set_viewport_size({"width": 1400, "height": 1300})
+    demo.open()
+    card = demo.choose("demo-icd-ppi-paraesthesia").first
+    demo.page.evaluate("() => { document.activeElement && document.activeElement.blur(); window.scrollTo(0, 0); }")
+    box = card.bounding_box()
+    assert box and box["y"] + box["height"] < 1300, "the card should be visible without scrolling"
+    ARTIFACTS.mkdir(exist_ok=True)
+    path = ARTIFACTS / "demo-card.png"
+    demo.page.screenshot(path=str(path))
+    assert path.stat().st_size > 20_000
+    if os.environ.get("B12_UPDATE_DOCS_SCREENSHOT") == "1":
+        shutil.copyfile(path, REPO / "docs" / "demo-screenshot.png")

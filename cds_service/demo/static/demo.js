@@ -54,7 +54,8 @@
     patients: [],
     current: null,
     services: Object.assign({}, FALLBACK_SERVICES),
-    sequence: 0
+    sequence: 0,
+    reportSequence: 0
   };
 
   // ------------------------------------------------------------------------------------------
@@ -420,6 +421,7 @@
           ? cards.length + (cards.length === 1 ? " card" : " cards") + " from " + serviceId + " (" + hook + ")"
           : "No cards: " + serviceId + " (" + hook + ") returned an empty list.";
         cardsNode.setAttribute("data-state", "done");
+        if (cards.length) { loadReport(); }  // the report counts issued cards
       })
       .catch(function (err) {
         if (seq !== state.sequence) { return; }
@@ -493,7 +495,8 @@
         title: (s.actions || []).map(function (a) { return a.type + ": " + a.description; }).join("\n") || null,
         onclick: function () {
           sendFeedback(serviceId, card, { outcome: "accepted", acceptedSuggestions: [{ id: s.uuid }] },
-                       "Accepted: " + s.label, controls, outcome, node);
+                       "Accepted: " + s.label + " (an EHR would now apply the suggestion's actions; the demo does not)",
+                       controls, outcome, node);
         }
       }, [s.label, s.isRecommended ? el("span", { className: "recommended", text: "(recommended)" }) : null]);
       controls.push(b);
@@ -594,7 +597,9 @@
 
   function loadReport() {
     var node = $("report");
+    var seq = ++state.reportSequence;
     return cds("GET", "/admin/feedback-report", undefined, "report").then(function (result) {
+      if (seq !== state.reportSequence) { return; }  // a newer report is on its way
       clear(node);
       if (!result.ok) {
         node.appendChild(el("p", { className: "error", text: "Report unavailable: " + result.status + errorText(result.body) }));
@@ -630,6 +635,7 @@
         "Totals: " + (totals.issued || 0) + " issued, " + (totals.accepted || 0) + " accepted, " +
         (totals.overridden || 0) + " overridden (acceptance " + pct(totals.acceptance_rate) + ")." }));
     }).catch(function (err) {
+      if (seq !== state.reportSequence) { return; }
       clear(node);
       node.appendChild(el("p", { className: "error", text: "Report unavailable: " + err.message }));
     });
