@@ -213,6 +213,12 @@ INVALID = {
     "timestamp too long": ({"feedback": [entry(outcomeTimestamp="2021-12-11T10:05:31." + "1" * 60 + "Z")]},
                            "feedback[0].outcomeTimestamp"),
     "extension not an object": ({"feedback": [entry(extension=[1])]}, "feedback[0].extension"),
+    "reason extension not an object": (
+        {"feedback": [entry(overrideReason={"reason": dict(REASON, extension="x")})]},
+        "feedback[0].overrideReason.reason.extension"),
+    "suggestion extension not an object": (
+        {"feedback": [entry(outcome="accepted", acceptedSuggestions=[{"id": "s", "extension": 1}])]},
+        "feedback[0].acceptedSuggestions[0].extension"),
 }
 
 

@@ -155,6 +155,7 @@ def _override_reason(value: Any, where: str, max_comment_length: int) -> dict[st
         reason_where = f"{where}.reason"
         if not isinstance(reason, dict):
             raise bad_request(f"{reason_where} must be a Coding object", reason_where)
+        _check_extension(reason, reason_where)
         coding = {"system": _string(reason, "system", reason_where, MAX_SYSTEM_LENGTH),
                   "code": _string(reason, "code", reason_where, MAX_CODE_LENGTH)}
         if _optional(reason, "display", reason_where) is not None:
