@@ -8,6 +8,7 @@ reject nulls, empty strings/arrays/objects, over-long summaries, unknown indicat
 
 from __future__ import annotations
 
+import re
 import uuid as uuid_mod
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -77,6 +78,9 @@ HOOK_REQUIRED_CONTEXT: dict[str, tuple[str, ...]] = {
 """Required context fields per hook (CDS Hooks library 1.0.1)."""
 
 USER_ID_TYPES = ("Practitioner", "PractitionerRole", "Patient", "RelatedPerson")
+ORDER_USER_ID_TYPES = ("Practitioner", "PractitionerRole")
+FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+"""FHIR R4 `id` datatype: ids go into FHIR URLs, so anything else is refused up front."""
 
 
 @dataclass(frozen=True)
@@ -122,6 +126,8 @@ class HookRequest:
 def _require_str(obj: dict[str, Any], key: str, where: str, *, max_len: int,
                  required: bool = True) -> str | None:
     value = obj.get(key)
+    if value is None and key in obj:
+        raise bad_request(f"{where}{key} must not be null (omit it instead)", f"{where}{key}")
     if value is None:
         if required:
             raise bad_request(f"{where}{key} is required", f"{where}{key}")
@@ -152,17 +158,25 @@ def parse_hook_request(body: Any, expected_hook: str, *, max_string_length: int 
 
     auth: FhirAuthorization | None = None
     raw_auth = body.get("fhirAuthorization")
+    if raw_auth is None and "fhirAuthorization" in body:
+        raise bad_request("fhirAuthorization must not be null (omit it instead)", "fhirAuthorization")
     if raw_auth is not None:
         if not isinstance(raw_auth, dict):
             raise bad_request("fhirAuthorization must be an object", "fhirAuthorization")
         if fhir_server is None:
             raise bad_request("fhirServer is required when fhirAuthorization is present", "fhirServer")
         token = _require_str(raw_auth, "access_token", "fhirAuthorization.", max_len=max_string_length)
-        token_type = _require_str(raw_auth, "token_type", "fhirAuthorization.", max_len=32, required=False)
-        if token_type is not None and token_type.lower() != "bearer":
+        token_type = _require_str(raw_auth, "token_type", "fhirAuthorization.", max_len=32)
+        if (token_type or "").lower() != "bearer":
             raise bad_request("fhirAuthorization.token_type must be Bearer", "fhirAuthorization.token_type")
-        scope = _require_str(raw_auth, "scope", "fhirAuthorization.", max_len=max_string_length, required=False)
-        subject = _require_str(raw_auth, "subject", "fhirAuthorization.", max_len=256, required=False)
+        expires_in = raw_auth.get("expires_in")
+        if not isinstance(expires_in, int) or isinstance(expires_in, bool):
+            raise bad_request("fhirAuthorization.expires_in must be an integer", "fhirAuthorization.expires_in")
+        scope = _require_str(raw_auth, "scope", "fhirAuthorization.", max_len=max_string_length)
+        subject = _require_str(raw_auth, "subject", "fhirAuthorization.", max_len=256)
+        patient = _require_str(raw_auth, "patient", "fhirAuthorization.", max_len=64, required=False)
+        if patient is not None and not FHIR_ID.fullmatch(patient):
+            raise bad_request("fhirAuthorization.patient must be a FHIR id", "fhirAuthorization.patient")
         auth = FhirAuthorization(access_token=token or "", scope=scope or "", subject=subject or "")
 
     raw_context = body.get("context")
@@ -173,27 +187,45 @@ def parse_hook_request(body: Any, expected_hook: str, *, max_string_length: int 
     context = _parse_context(raw_context, hook, max_string_length)
 
     prefetch = body.get("prefetch")
+    if prefetch is None and "prefetch" in body:
+        raise bad_request("prefetch must not be null (omit it instead)", "prefetch")
     if prefetch is None:
         prefetch = {}
     elif not isinstance(prefetch, dict):
         raise bad_request("prefetch must be an object", "prefetch")
+    for key, value in prefetch.items():
+        # Spec: each prefetch value is a FHIR resource (or Bundle), or null for "no data".
+        if value is not None and not isinstance(value, dict):
+            raise bad_request(f"prefetch.{key[:64]} must be a FHIR resource or null", f"prefetch.{key[:64]}")
+    _check_extension(body, "")
 
     return HookRequest(hook=hook, hook_instance=hook_instance or "", context=context,
                        fhir_server=fhir_server.rstrip("/") if fhir_server else None,
                        fhir_authorization=auth, prefetch=prefetch)
 
 
+def _check_extension(obj: dict[str, Any], where: str) -> None:
+    """`extension` is reserved on every object and, when present, must be a JSON object."""
+    if "extension" in obj and not isinstance(obj["extension"], dict):
+        raise bad_request(f"{where}extension must be an object", f"{where}extension")
+
+
 def _parse_context(raw: dict[str, Any], hook: str, max_len: int) -> HookContext:
     required = HOOK_REQUIRED_CONTEXT[hook]
+    _check_extension(raw, "context.")
     user_id = _require_str(raw, "userId", "context.", max_len=256)
     rtype, _, rid = (user_id or "").partition("/")
-    if rtype not in USER_ID_TYPES or not rid:
-        raise bad_request("context.userId must be a relative reference such as Practitioner/123",
-                          "context.userId")
+    allowed_types = USER_ID_TYPES if hook == "patient-view" else ORDER_USER_ID_TYPES
+    if rtype not in allowed_types or not FHIR_ID.fullmatch(rid):
+        raise bad_request(f"context.userId must be a reference to one of {', '.join(allowed_types)}, "
+                          "such as Practitioner/123", "context.userId")
     patient_id = _require_str(raw, "patientId", "context.", max_len=64)
-    if "/" in (patient_id or ""):
-        raise bad_request("context.patientId must be a logical id, not a reference", "context.patientId")
+    if not FHIR_ID.fullmatch(patient_id or ""):
+        raise bad_request("context.patientId must be a FHIR id (letters, digits, '-' and '.', at most 64)",
+                          "context.patientId")
     encounter_id = _require_str(raw, "encounterId", "context.", max_len=64, required=False)
+    if encounter_id is not None and not FHIR_ID.fullmatch(encounter_id):
+        raise bad_request("context.encounterId must be a FHIR id", "context.encounterId")
 
     draft_orders = raw.get("draftOrders")
     if "draftOrders" in required or draft_orders is not None:
@@ -206,7 +238,8 @@ def _parse_context(raw: dict[str, Any], hook: str, max_len: int) -> HookContext:
     selections: tuple[str, ...] = ()
     if "selections" in required:
         raw_sel = raw.get("selections")
-        if not isinstance(raw_sel, list) or not all(isinstance(s, str) and s for s in raw_sel):
+        if not isinstance(raw_sel, list) or not all(isinstance(s, str) and 0 < len(s) <= 256
+                                                    for s in raw_sel):
             raise bad_request("context.selections must be an array of strings", "context.selections")
         selections = tuple(raw_sel)
     return HookContext(user_id=user_id or "", patient_id=patient_id or "", encounter_id=encounter_id,

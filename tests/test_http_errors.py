@@ -123,3 +123,9 @@ def test_cors_origins_are_configurable(make_app):
     assert ok.headers["Access-Control-Allow-Origin"] == "https://ehr.example.org"
     other = client.get("/cds-services", headers={"Origin": "https://evil.example.com"})
     assert "Access-Control-Allow-Origin" not in other.headers
+
+
+def test_405_lists_allowed_methods(client):
+    resp = client.put("/cds-services")
+    assert resp.status_code == 405
+    assert "GET" in resp.headers["Allow"]

@@ -630,7 +630,7 @@ def patient_view_body() -> dict[str, Any]:
     return {
         "hook": "patient-view", "hookInstance": "2f0d3c1e-5b7a-4f44-9a55-hook-log-test",
         "fhirServer": "https://fhir.example.org/r4",
-        "fhirAuthorization": {"access_token": FHIR_ACCESS_TOKEN, "token_type": "Bearer",
+        "fhirAuthorization": {"access_token": FHIR_ACCESS_TOKEN, "token_type": "Bearer", "expires_in": 300,
                               "scope": "patient/*.read", "subject": "b12-cds"},
         "context": {"userId": "Practitioner/doc-1", "patientId": "pat-1"},
         "prefetch": {

@@ -48,7 +48,12 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException) -> Response:
         status = err.code or 500
-        return outcome_response(status, HTTP_MESSAGES.get(status, err.name))
+        response = outcome_response(status, HTTP_MESSAGES.get(status, err.name))
+        # Keep protocol headers werkzeug computed (e.g. `Allow` on 405, required by RFC 9110).
+        for name, value in err.get_headers():
+            if name.lower() != "content-type":
+                response.headers[name] = value
+        return response
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:

@@ -62,6 +62,9 @@ def feedback_report() -> Response:
     """The acceptance report as JSON (`?since=YYYY-MM-DD` limits it to cards issued since)."""
     s = services()
     s.verifier.verify(request)
+    unknown = sorted(set(request.args) - {"since"})
+    if unknown:
+        raise bad_request("unknown query parameter; only 'since' is supported", unknown[0][:64])
     since = parse_since(request.args.get("since"))
     return json_response(s.store.feedback_report(since))
 
