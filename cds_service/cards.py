@@ -43,6 +43,7 @@ REQUEST_INTENTS = frozenset({"proposal", "plan", "directive", "order", "original
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
 _URL_SCHEME = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{1,15}):(?=//)")
 _WWW = re.compile(r"(?i)\bwww\.")
+_CLEANER = nh3.Cleaner(tags=set())  # built once: nh3.clean() rebuilds its sanitizer per call
 
 
 def safe_text(value: Any, limit: int = MAX_RECORD_TEXT) -> str:
@@ -51,7 +52,8 @@ def safe_text(value: Any, limit: int = MAX_RECORD_TEXT) -> str:
     text = " ".join(str(value).split())
     if len(text) > limit:
         text = text[: limit - 1] + "…"
-    text = nh3.clean(text, tags=set())  # strips tags, entity-escapes & < >
+    if "<" in text or "&" in text or ">" in text:
+        text = _CLEANER.clean(text)  # strips tags, entity-escapes & < >
     text = _MD_SPECIAL.sub(r"\\\1", text)
     text = _URL_SCHEME.sub(r"\1\\[:\\]", text)
     return _WWW.sub(r"www\\[.\\]", text)

@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
+from types import MappingProxyType
 from typing import Any
 
 from cds_service.config import Settings
@@ -61,6 +62,8 @@ NEGATIVE_ANSWERS = frozenset({"no", "absent", "negative", "none", "false", "not 
 B12_TO_NG_L = {"pg/ml": 1.0, "ng/l": 1.0, "pmol/l": 1.355}
 LOINC_DEFAULT_UNIT = {"2132-9": "pg/ml", "14685-2": "pmol/l"}
 
+_NO_MATCH: Mapping[str, str] = MappingProxyType({})
+"""Shared read-only 'nothing matched' (avoids allocating a dict per coded element)."""
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
@@ -236,17 +239,32 @@ class _Validator:
 
 # --- matching ---------------------------------------------------------------------------------
 
-def _match_concept(knowledge: Knowledge, concept: Any) -> dict[str, str]:
-    """Value-set name -> label for every set a CodeableConcept's codings fall in."""
-    found: dict[str, str] = {}
-    text = _s(_d(concept).get("text"))
-    for coding in _codings(concept):
+def _match_concept(knowledge: Knowledge, concept: Any) -> Mapping[str, str]:
+    """Value-set name -> label for every set a CodeableConcept's codings fall in.
+
+    This runs for every coded element of every resource, so it is written for speed: exact type
+    checks, no helper calls on the common no-match path."""
+    if type(concept) is not dict:
+        return _NO_MATCH
+    codings = concept.get("coding")
+    if type(codings) is not list:
+        return _NO_MATCH
+    found: dict[str, str] | None = None
+    for coding in codings:
+        if type(coding) is not dict:
+            continue
         system, code = coding.get("system"), coding.get("code")
-        for name in knowledge.match_code(system, code):
+        names = knowledge.match_code(system, code)
+        if not names:
+            continue
+        text = _s(concept.get("text"))
+        if found is None:
+            found = {}
+        for name in names:
             if name not in found:
                 found[name] = (text or _s(coding.get("display"))
                                or knowledge.display(name, system, code.strip()) or code)
-    return found
+    return found if found is not None else _NO_MATCH
 
 
 def _match_medication(knowledge: Knowledge, resource: dict[str, Any]) -> dict[str, str]:
@@ -258,7 +276,7 @@ def _match_medication(knowledge: Knowledge, resource: dict[str, Any]) -> dict[st
         return found
     texts = [_s(_d(concept).get("text"))] + [_s(c.get("display")) for c in _codings(concept)]
     texts.append(_s(_d(resource.get("medicationReference")).get("display")))
-    for text in texts:
+    for text in dict.fromkeys(texts):  # text and display are often the same string
         if text:
             for name in knowledge.match_text(text):
                 found.setdefault(name, text)
@@ -383,11 +401,16 @@ def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
                   col: _Collector) -> tuple[list[LabResult], list[LabResult]]:
     b12: list[LabResult] = []
     mma: list[LabResult] = []
-    for res in _dicts(resources):
+    for res in resources:
+        if type(res) is not dict:
+            continue
+        by_code = _match_concept(knowledge, res.get("code"))
+        value_cc = res.get("valueCodeableConcept")
+        if not by_code and value_cc is None:
+            continue  # fast path: most observations (vitals, other labs) match nothing
         status = _s(res.get("status"))
         if status in EXCLUDED_OBSERVATION:
             continue
-        by_code = _match_concept(knowledge, res.get("code"))
         lab = by_code.keys() & LAB_SETS
         if lab:
             if status not in FINAL_LAB or not validator.ok(res, "Observation"):
@@ -398,7 +421,7 @@ def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
         findings = {k: v for k, v in by_code.items() if k in FINDING_SETS}
         if findings and _is_negative_answer(res):
             findings = {}
-        for name, label in _match_concept(knowledge, res.get("valueCodeableConcept")).items():
+        for name, label in _match_concept(knowledge, value_cc).items():
             if name in FINDING_SETS:
                 findings.setdefault(name, label)
         if not findings or not validator.ok(res, "Observation"):
@@ -409,7 +432,7 @@ def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
     return b12, mma
 
 
-def _lab_result(res: dict[str, Any], by_code: dict[str, str]) -> LabResult:
+def _lab_result(res: dict[str, Any], by_code: Mapping[str, str]) -> LabResult:
     loinc = next((c.get("code").strip() for c in _codings(res.get("code"))
                   if c.get("system") == LOINC and _s(c.get("code"))), "")
     on = _first_date(res, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")

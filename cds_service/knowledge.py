@@ -41,6 +41,8 @@ VALUESET_NAMES: tuple[str, ...] = (
 """The value set names other modules rely on (a contract: file name = ValueSet.id = name)."""
 
 _WORD_CHARS = re.compile(r"[^a-z0-9]+")
+_EMPTY: frozenset[str] = frozenset()
+_CACHE_LIMIT = 50_000
 
 
 def normalize_code(system: str, code: str) -> str:
@@ -101,6 +103,8 @@ class Knowledge:
     _prefix_lengths: dict[str, tuple[int, ...]] = field(repr=False)
     _ingredients: tuple[tuple[str, str], ...] = field(repr=False)
     """(" name ", value set name), longest names first."""
+    _cache: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
+    """Memo of match_code: records repeat the same few codes (vitals, labs) thousands of times."""
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -144,10 +148,22 @@ class Knowledge:
     # -- lookups ------------------------------------------------------------------------------
     def match_code(self, system: Any, code: Any) -> frozenset[str]:
         """Names of the value sets containing (system, code); empty for anything malformed."""
-        if not isinstance(system, str) or not isinstance(code, str) or not code:
-            return frozenset()
+        if type(system) is not str or type(code) is not str:
+            return _EMPTY
+        key = (system, code)
+        found = self._cache.get(key)
+        if found is None:
+            found = self._lookup(system, code)
+            if len(self._cache) >= _CACHE_LIMIT:  # bounded: arbitrary input cannot grow it forever
+                self._cache.clear()
+            self._cache[key] = found
+        return found
+
+    def _lookup(self, system: str, code: str) -> frozenset[str]:
+        if not code.strip():
+            return _EMPTY
         code = normalize_code(system, code)
-        found = self._exact.get((system, code), frozenset())
+        found = self._exact.get((system, code), _EMPTY)
         lengths = self._prefix_lengths.get(system)
         if lengths:
             families = self._prefixes[system]
@@ -162,10 +178,17 @@ class Knowledge:
     def match_text(self, text: Any) -> frozenset[str]:
         """Names of the medication value sets whose ingredient name appears as whole words in
         `text` (case-insensitive)."""
-        if not isinstance(text, str) or not text:
-            return frozenset()
-        norm = normalize_text(text)
-        return frozenset(vs for name, vs in self._ingredients if name in norm)
+        if type(text) is not str or not text:
+            return _EMPTY
+        key = ("", text)  # "" never is a code system, so text and code memo entries cannot clash
+        found = self._cache.get(key)
+        if found is None:
+            norm = normalize_text(text)
+            found = frozenset(vs for name, vs in self._ingredients if name in norm)
+            if len(self._cache) >= _CACHE_LIMIT:
+                self._cache.clear()
+            self._cache[key] = found
+        return found
 
     def valueset_codes(self, name: str) -> list[tuple[str, str]]:
         """Exact (system, code) pairs of a value set (no families, no ingredient names): what a
