@@ -105,6 +105,8 @@ class Knowledge:
     """(" name ", value set name), longest names first."""
     _cache: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
     """Memo of match_code: records repeat the same few codes (vitals, labs) thousands of times."""
+    _text_cache: dict[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
+    """Memo of match_text (medication texts repeat across refills)."""
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod
@@ -180,14 +182,13 @@ class Knowledge:
         `text` (case-insensitive)."""
         if type(text) is not str or not text:
             return _EMPTY
-        key = ("", text)  # "" never is a code system, so text and code memo entries cannot clash
-        found = self._cache.get(key)
+        found = self._text_cache.get(text)
         if found is None:
             norm = normalize_text(text)
             found = frozenset(vs for name, vs in self._ingredients if name in norm)
-            if len(self._cache) >= _CACHE_LIMIT:
-                self._cache.clear()
-            self._cache[key] = found
+            if len(self._text_cache) >= _CACHE_LIMIT:
+                self._text_cache.clear()
+            self._text_cache[text] = found
         return found
 
     def valueset_codes(self, name: str) -> list[tuple[str, str]]:

@@ -170,3 +170,11 @@ def test_normalize_code_only_rewrites_icd() -> None:
     assert normalize_code(ICD10CM, " e119 ") == "E11.9"
     assert normalize_code(ICD10CM, "E11") == "E11"
     assert normalize_code(LOINC, " 2132-9 ") == "2132-9"
+
+
+def test_memoised_lookups_give_the_same_answers_and_keep_code_and_text_apart(knowledge: Knowledge) -> None:
+    assert knowledge.match_text("metformin") == {"metformin"}
+    assert knowledge.match_code("", "metformin") == frozenset()  # a code is never matched as text
+    for _ in range(2):
+        assert knowledge.match_code(ICD10CM, "E11.9") == {"diabetes"}
+        assert knowledge.match_code(ICD10CM, "Z00.00") == frozenset()
