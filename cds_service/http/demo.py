@@ -405,17 +405,12 @@ def prefetch(patient_id: str) -> Response:
 # ---------------------------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=8)
-def _issuer_for(data_dir: str) -> Any:
+def demo_issuer() -> Any:
+    """The demo signer the verifier trusts in demo mode (same key file, so the same key)."""
     from cds_service.security import DemoIssuer
 
-    return DemoIssuer(services().settings)
-
-
-def demo_issuer() -> Any:
-    verifier = services().verifier
-    issuer = getattr(verifier, "demo_issuer", None)
-    return issuer or _issuer_for(services().settings.data_dir)
+    issuer = getattr(services().verifier, "demo_issuer", None)
+    return issuer if issuer is not None else DemoIssuer(services().settings)
 
 
 def _own_origins(public_base_url: str) -> set[str]:
