@@ -104,6 +104,8 @@ def test_detail_is_honest_about_indirect_evidence(engine) -> None:
     assert "indirect" in detail and "neuropathy" in detail and "myelopathy" in detail
     assert "does not treat neck pain" in detail
     assert not re.search(r"\b(causes neck pain|cure|proven)\b", detail, re.I)
+    # chronic neck pain alone does not meet the NICE "symptom + risk factor" criterion: say so
+    assert "Neck pain by itself is not a listed symptom" in detail
 
 
 def test_risk_factor_evidence_is_listed(engine) -> None:
