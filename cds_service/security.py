@@ -25,7 +25,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import threading
 import time
 import uuid
@@ -41,6 +40,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from jwt.algorithms import ECAlgorithm
 
 from cds_service.config import Settings
+from cds_service.secret_files import read_or_create_secret
 from cds_service.logs import get_logger
 from cds_service.protocol import CdsError
 
@@ -480,30 +480,10 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
 
 
 def _load_or_create_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """Load the P-384 key at `path`, creating it (mode 0600) if missing.
-
-    Creation is race-free across processes: the key is written to a private temporary file and
-    hard-linked into place; a process that loses the race reads the winner's key.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if not path.exists():
-        pem = ec.generate_private_key(ec.SECP384R1()).private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".demo-key-")  # mkstemp: mode 0600
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(pem)
-                fh.flush()
-                os.fsync(fh.fileno())
-            try:
-                os.link(tmp, path)
-            except FileExistsError:
-                pass
-        finally:
-            os.unlink(tmp)
-    if path.stat().st_mode & 0o077:
-        os.chmod(path, 0o600)
-    key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    """Load the P-384 key at `path`, creating it (mode 0600, shared by workers) if missing."""
+    pem = read_or_create_secret(path, lambda: ec.generate_private_key(ec.SECP384R1()).private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    key = serialization.load_pem_private_key(pem, password=None)
     if not isinstance(key, ec.EllipticCurvePrivateKey) or not isinstance(key.curve, ec.SECP384R1):
         raise ValueError(f"{path} is not an EC P-384 private key")
     return key

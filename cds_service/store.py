@@ -36,6 +36,7 @@ from typing import Any
 
 from cds_service.config import Settings
 from cds_service.logs import get_logger
+from cds_service.secret_files import read_or_create_secret
 
 log = get_logger("store")
 
@@ -544,31 +545,11 @@ def normalise_timestamp(value: str) -> str:
 
 
 def _patient_hash_key(settings: Settings) -> bytes:
-    """The configured key, else the key file in `data_dir` (created once, mode 0600).
-
-    Creation is race-free across workers: the key is written to a private temporary file and
-    hard-linked into place; a worker that loses the race reads the winner's file.
-    """
+    """The configured key, else the key file in `data_dir` (created once, shared by workers)."""
     if settings.patient_hash_key:
         return settings.patient_hash_key.encode("utf-8")
-    data_dir = Path(settings.data_dir)
-    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = data_dir / PATIENT_KEY_FILENAME
-    if not path.exists():
-        tmp = data_dir / f".{PATIENT_KEY_FILENAME}.{os.getpid()}.{secrets.token_hex(4)}"
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, secrets.token_hex(32).encode("ascii"))
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            pass
-        finally:
-            os.unlink(tmp)
-    key = path.read_bytes().strip()
+    path = Path(settings.data_dir) / PATIENT_KEY_FILENAME
+    key = read_or_create_secret(path, lambda: secrets.token_hex(32).encode("ascii")).strip()
     if len(key) < 32:
         raise RuntimeError(f"{path} does not hold a usable key; delete it or set CDS_PATIENT_HASH_KEY")
     return key
