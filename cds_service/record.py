@@ -57,6 +57,8 @@ class PatientRecord:
             if not isinstance(res, dict):
                 continue
             rtype = res.get("resourceType")
+            if not isinstance(rtype, str):
+                continue  # malformed: no usable type (a list or object here must not crash us)
             rid = res.get("id")
             if isinstance(rid, str):
                 if (rtype, rid) in seen:
@@ -64,7 +66,7 @@ class PatientRecord:
                 seen.add((rtype, rid))
             if rtype == "Patient":
                 patient = patient or res
-            elif isinstance(rtype, str):
+            else:
                 groups.setdefault(rtype, []).append(res)
         return cls(
             patient=patient,
