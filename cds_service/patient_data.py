@@ -272,7 +272,8 @@ def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData) -> None:
     for res in candidates:
         if _is_outcome(res):
             continue
-        if (isinstance(res, dict) and res.get("resourceType") in KNOWN_RESOURCE_TYPES
+        if (isinstance(res, dict) and isinstance(res.get("resourceType"), str)
+                and res["resourceType"] in KNOWN_RESOURCE_TYPES
                 and _about_patient(res, patient_id)):
             into.resources.append(res)
         else:

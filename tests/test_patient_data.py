@@ -451,3 +451,22 @@ def test_neither_token_nor_patient_id_is_logged() -> None:
     text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in records)
     assert "procedures" in text  # keys and reasons are logged...
     assert TOKEN not in text and pid not in text  # ...never the token or the patient
+
+
+def test_unhashable_resource_types_in_prefetch_are_skipped_not_fatal():
+    from cds_service.config import Settings
+    from cds_service.patient_data import PatientDataGatherer, build_prefetch_templates
+    from cds_service.protocol import parse_hook_request
+
+    bundle = {"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": {"resourceType": ["Condition"], "id": "x"}},
+        {"resource": {"resourceType": {"nested": 1}, "id": "y"}},
+        {"resource": {"resourceType": "Condition", "id": "ok", "subject": {"reference": "Patient/p1"}}}]}
+    request = parse_hook_request({"hook": "patient-view", "hookInstance": "h",
+                                  "context": {"userId": "Practitioner/1", "patientId": "p1"},
+                                  "prefetch": {"patient": {"resourceType": "Patient", "id": "p1"},
+                                               "conditions": bundle}}, "patient-view")
+    gatherer = PatientDataGatherer(Settings.from_env(environ={}))
+    result = gatherer.gather(request, build_prefetch_templates(lambda name: []))
+    assert [c["id"] for c in result.record.conditions] == ["ok"]
+    assert result.skipped_resources >= 2
