@@ -170,7 +170,9 @@ def parse_hook_request(body: Any, expected_hook: str, *, max_string_length: int 
         if (token_type or "").lower() != "bearer":
             raise bad_request("fhirAuthorization.token_type must be Bearer", "fhirAuthorization.token_type")
         expires_in = raw_auth.get("expires_in")
-        if not isinstance(expires_in, int) or isinstance(expires_in, bool):
+        # JSON has one number type: 300.0 is an integer too (as JSON Schema says).
+        integral = isinstance(expires_in, int) or (isinstance(expires_in, float) and expires_in.is_integer())
+        if not integral or isinstance(expires_in, bool):
             raise bad_request("fhirAuthorization.expires_in must be an integer", "fhirAuthorization.expires_in")
         scope = _require_str(raw_auth, "scope", "fhirAuthorization.", max_len=max_string_length)
         subject = _require_str(raw_auth, "subject", "fhirAuthorization.", max_len=256)

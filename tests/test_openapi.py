@@ -32,7 +32,8 @@ schema = schemathesis.openapi.from_wsgi("/openapi.json", API_APP)
 
 
 @schema.parametrize()
-@settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+# derandomize: CI explores the same cases every run, so a failure reproduces.
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 def test_api_conforms_to_openapi(case):
     token = ISSUER.token(BASE_URL + case.formatted_path)
     response = case.call(headers={"Authorization": f"Bearer {token}"})

@@ -164,6 +164,16 @@ def test_order_hooks_require_a_draft_orders_bundle():
     assert err.value.expression == "context.selections"
 
 
+def test_expires_in_accepts_integral_numbers_only():
+    body = _req()
+    body.update(fhirServer="https://f", fhirAuthorization={"access_token": "t", "token_type": "Bearer",
+                                                          "expires_in": 300.0, "scope": "s", "subject": "c"})
+    assert parse_hook_request(body, "patient-view").fhir_authorization is not None
+    body["fhirAuthorization"]["expires_in"] = 1.5
+    with pytest.raises(CdsError):
+        parse_hook_request(body, "patient-view")
+
+
 def test_access_token_is_not_in_repr():
     body = _req()
     body.update(fhirServer="https://fhir.example.org", fhirAuthorization={
