@@ -1,4 +1,5 @@
-"""Shared test helpers: free ports, a threaded stub HTTP server on 127.0.0.1, readiness waits.
+"""Shared test helpers: free ports, a threaded stub HTTP server on 127.0.0.1, readiness waits,
+and `ServerProcess` for real servers the tests start (and always stop).
 
 `StubServer` answers from a route table: `server.route("/fhir/Patient/p1", reply)` where `reply`
 is a `Reply` (status, JSON/bytes body, headers, delay before answering, delay between chunks) or a
@@ -8,7 +9,10 @@ so tests can assert what was sent, e.g. that a token never reached a host.
 
 from __future__ import annotations
 
+import os
+import signal
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +24,74 @@ from urllib.parse import unquote, urlsplit
 import orjson
 
 HOST = "127.0.0.1"
+
+
+class ServerProcess:
+    """A server started in its own process group, so stop()/kill() reach every worker it forks.
+
+    `ready()` is polled until it returns True (e.g. an HTTP health check); if the process exits
+    first, or `timeout` passes, the test fails with the tail of the server's log.
+    """
+
+    def __init__(self, command: list[str], *, log_path: Any, env: dict[str, str] | None = None,
+                 cwd: Any = None) -> None:
+        self.command, self.log_path, self.env, self.cwd = command, log_path, env, cwd
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, ready: Callable[[], bool], timeout: float = 60.0) -> "ServerProcess":
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.command[0]} exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if ready():
+                    return self
+            except OSError:  # includes requests' connection errors
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise TimeoutError(f"{self.command[0]} not ready after {timeout}s:\n{self.log_tail()}")
+
+    def log_tail(self, chars: int = 3000) -> str:
+        try:
+            with open(self.log_path, encoding="utf-8", errors="replace") as fh:
+                return fh.read()[-chars:]
+        except OSError:
+            return ""
+
+    def kill(self) -> None:
+        """SIGKILL the whole process group at once (a crash, not a shutdown)."""
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self, grace: float = 15.0) -> None:
+        """SIGTERM the process group; SIGKILL it if it has not exited after `grace` seconds."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=grace)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def http_ok(url: str) -> Callable[[], bool]:
+    """A readiness check: GET `url` answers 200."""
+    import requests
+
+    return lambda: requests.get(url, timeout=1).status_code == 200
 
 
 def free_port() -> int:

@@ -15,8 +15,6 @@ import json
 import os
 import re
 import shutil
-import signal
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -27,7 +25,7 @@ import pytest
 import requests
 
 from cds_service.demo_data import load_catalog
-from tests.servers import free_port, wait_for_port
+from tests.servers import ServerProcess, free_port, http_ok
 
 pytestmark = pytest.mark.browser
 
@@ -82,20 +80,10 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
            "CDS_LOG_LEVEL": "WARNING"}
     for name in ("CDS_AUTH_DISABLED", "CDS_PUBLIC_BASE_URL", "CDS_DATABASE_URL", "CDS_BIND"):
         env.pop(name, None)
-    log = (tmp / "server.log").open("wb")
-    proc = subprocess.Popen([B12_CDS, "serve", "--demo", "--bind", f"127.0.0.1:{port}"], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        wait_for_port(port, timeout=30)
+    server = ServerProcess([B12_CDS, "serve", "--demo", "--bind", f"127.0.0.1:{port}"], env=env,
+                           log_path=tmp / "server.log")
+    with server.start(http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=30):
         yield Service(f"http://127.0.0.1:{port}")
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-        log.close()
 
 
 @pytest.fixture(scope="module")

@@ -10,8 +10,6 @@ entry acknowledged before, during or after the crash must be in the database.
 from __future__ import annotations
 
 import os
-import signal
-import subprocess
 import sys
 import threading
 import time
@@ -23,7 +21,7 @@ import requests
 
 from cds_service.config import Settings
 from cds_service.store import IssuedCard, Store
-from tests.servers import free_port
+from tests.servers import ServerProcess, free_port, http_ok
 
 pytestmark = pytest.mark.integration
 
@@ -39,7 +37,7 @@ class Server:
     port: int
     data_dir: Path
     log_path: Path
-    proc: subprocess.Popen[bytes] | None = None
+    process: ServerProcess | None = None
 
     @property
     def base(self) -> str:
@@ -48,38 +46,19 @@ class Server:
     def start(self) -> None:
         env = {**os.environ, "CDS_AUTH_DISABLED": "1", "CDS_DATA_DIR": str(self.data_dir),
                "CDS_DATABASE_URL": "", "CDS_LOG_LEVEL": "ERROR"}
-        log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
+        self.process = ServerProcess(
             [GUNICORN, "-w", "3", "--bind", f"127.0.0.1:{self.port}", "--graceful-timeout", "5",
-             "cds_service.app:create_app()"],
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        log.close()
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, self.log_path.read_text()[-3000:]
-            try:
-                if requests.get(f"{self.base}/healthz", timeout=1).status_code == 200:
-                    return
-            except requests.RequestException:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"gunicorn not ready: {self.log_path.read_text()[-3000:]}")
+             "cds_service.app:create_app()"], cwd=REPO, env=env, log_path=self.log_path)
+        self.process.start(http_ok(f"{self.base}/healthz"), timeout=60)
 
     def kill(self) -> None:
         """SIGKILL the master and every worker at once (its own process group)."""
-        assert self.proc is not None
-        os.killpg(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=30)
+        assert self.process is not None
+        self.process.kill()
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        os.killpg(self.proc.pid, signal.SIGTERM)
-        try:
-            self.proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+        if self.process is not None:
+            self.process.stop(grace=20)
 
 
 @dataclass

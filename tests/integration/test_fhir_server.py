@@ -18,8 +18,6 @@ import io
 import itertools
 import json
 import os
-import signal
-import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -37,7 +35,7 @@ from cds_service.config import Settings
 from cds_service.patient_data import PatientDataGatherer, render_template
 from cds_service.protocol import parse_hook_request
 from cds_service.record import PREFETCH_KEYS
-from tests.servers import free_port, hook_body
+from tests.servers import ServerProcess, free_port, hook_body, http_ok
 
 pytestmark = pytest.mark.integration
 
@@ -67,36 +65,11 @@ def fhir_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         "  inbound: strict",  # the demo data must be valid R4
         "",
     ]))
-    log = (work / "sekmet.log").open("wb")
     env = {k: v for k, v in os.environ.items() if not k.startswith("SEKMET_")}
-    proc = subprocess.Popen([str(SEKMET), "serve", "--config", str(config), "--host", "127.0.0.1",
-                             "--port", str(port)], cwd=work, env=env, stdout=log,
-                            stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        _wait_ready(base, proc, work / "sekmet.log")
+    server = ServerProcess([str(SEKMET), "serve", "--config", str(config), "--host", "127.0.0.1",
+                            "--port", str(port)], cwd=work, env=env, log_path=work / "sekmet.log")
+    with server.start(http_ok(f"{base}/metadata"), timeout=60):
         yield base
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=5)
-        log.close()
-
-
-def _wait_ready(base: str, proc: subprocess.Popen, log_path: Path, timeout: float = 60.0) -> None:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if proc.poll() is not None:
-            pytest.fail(f"sekmet exited with {proc.returncode}:\n{log_path.read_text()[-2000:]}")
-        try:
-            if requests.get(f"{base}/metadata", timeout=1).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.2)
-    pytest.fail(f"sekmet not ready after {timeout}s:\n{log_path.read_text()[-2000:]}")
 
 
 @pytest.fixture(scope="module")

@@ -5,16 +5,14 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.servers import free_port, wait_for_port
+from tests.servers import ServerProcess, free_port, http_ok
 
 pytestmark = pytest.mark.integration
 B12_CDS = str(Path(sys.executable).with_name("b12-cds"))
@@ -35,18 +33,9 @@ def server(tmp_path):
     env = {**os.environ, "CDS_DATA_DIR": str(tmp_path / "data"), "CDS_BIND": f"127.0.0.1:{port}",
            "CDS_AUTH_DISABLED": "1", "CDS_WORKERS": "2",
            "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
-    proc = subprocess.Popen([B12_CDS, *cmd[1:]], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    try:
-        wait_for_port(port, timeout=30)
-        yield f"http://127.0.0.1:{port}", proc
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+    server = ServerProcess([B12_CDS, *cmd[1:]], env=env, log_path=tmp_path / "serve.log")
+    with server.start(http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=30):
+        yield f"http://127.0.0.1:{port}", server.proc
 
 
 def test_docker_start_command_serves_health_discovery_and_metrics(server):
