@@ -129,3 +129,10 @@ def test_405_lists_allowed_methods(client):
     resp = client.put("/cds-services")
     assert resp.status_code == 405
     assert "GET" in resp.headers["Allow"]
+
+
+def test_401_asks_for_a_bearer_token(make_app):
+    client = make_app(auth_disabled=False).test_client()
+    resp = client.post(PV, json={"hook": "patient-view"})
+    assert_outcome(resp, 401, "unauthorized")
+    assert resp.headers["WWW-Authenticate"] == "Bearer"

@@ -43,7 +43,10 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(CdsError)
     def _cds_error(err: CdsError) -> Response:
-        return json_response(err.outcome(), err.status)
+        response = json_response(err.outcome(), err.status)
+        if err.status == 401:
+            response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750; no detail on purpose
+        return response
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException) -> Response:

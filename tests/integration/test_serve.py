@@ -56,3 +56,14 @@ def test_docker_start_command_serves_health_discovery_and_metrics(server):
     assert match and float(match.group(1)) == 60.0
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
+
+
+def test_dev_mode_serves_the_same_app(tmp_path):
+    port = free_port()
+    env = {**os.environ, "CDS_DATA_DIR": str(tmp_path / "data"), "CDS_AUTH_DISABLED": "1"}
+    server = ServerProcess([B12_CDS, "serve", "--dev", "--bind", f"127.0.0.1:{port}"], env=env,
+                           log_path=tmp_path / "dev.log")
+    with server.start(http_ok(f"http://127.0.0.1:{port}/healthz"), timeout=30):
+        disco = requests.get(f"http://127.0.0.1:{port}/cds-services", timeout=5).json()
+        assert len(disco["services"]) == 3
+        assert "gunicorn" not in server.log_tail()
