@@ -202,8 +202,12 @@ def test_fetches_run_concurrently(stub: StubServer) -> None:
     delays = {key: 0.25 + 0.15 * i / (len(PREFETCH_KEYS) - 1) for i, key in enumerate(PREFETCH_KEYS)}
     for key in PREFETCH_KEYS:
         serve_key(stub, key, Reply(body=full_prefetch()[key], delay=delays[key]))
-    result, elapsed = timed(gatherer(stub, fhir_deadline=3.0).gather, no_prefetch(stub), TEMPLATES)
+    # Generous timeouts: this test is about overlap, not timeouts (those have their own tests),
+    # and it must hold on a loaded 2-core CI machine.
+    result, elapsed = timed(gatherer(stub, fhir_deadline=3.0, fhir_connect_timeout=2.0, fhir_read_timeout=2.5).gather,
+                            no_prefetch(stub), TEMPLATES)
     print(f"\nconcurrency: {len(PREFETCH_KEYS)} fetches, sum of delays {sum(delays.values()):.2f}s, "
           f"slowest {max(delays.values()):.2f}s, gather took {elapsed:.3f}s")
     assert result.failed_keys == () and result.fhir_calls == len(PREFETCH_KEYS)
-    assert max(delays.values()) <= elapsed < max(delays.values()) + 0.3
+    # Serial fetching would take at least the sum (2.92 s); overlapping takes about the slowest.
+    assert max(delays.values()) <= elapsed < sum(delays.values()) / 2
