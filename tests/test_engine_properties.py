@@ -138,16 +138,11 @@ def test_invalid_copies_of_matched_resources_are_skipped_and_change_nothing(inde
     assert ev.skipped_resources == len(broken)
 
 
-def test_large_record_is_evaluated_quickly() -> None:
-    """~3,000 resources, nearly all unrelated: matching on raw JSON keeps this cheap."""
-    import time
-
+def test_large_record_with_unrelated_filler_gives_the_same_decision() -> None:
+    """~3,000 unrelated resources do not change the outcome (speed is measured in bench/)."""
     filler = [condition("22298006", id=f"f{i}") for i in range(1500)]
     filler += [observation("8867-4", LOINC, id=f"o{i}") for i in range(1500)]
-    rec = record(patient("1950-01-01"), neck_pain(), metformin(), *filler)
-    ENGINE.evaluate(rec, hook_request(), NOW)  # warm-up (lazy model imports)
-    start = time.perf_counter()
-    ev = ENGINE.evaluate(rec, hook_request(), NOW)
-    elapsed = time.perf_counter() - start
-    assert ev.decision.kind == "b12-test"
-    assert elapsed < 0.5, f"{elapsed:.3f}s"  # generous bound for slow CI; typically a few ms
+    small = ENGINE.evaluate(record(patient("1950-01-01"), neck_pain(), metformin()), hook_request(), NOW)
+    large = ENGINE.evaluate(record(patient("1950-01-01"), neck_pain(), metformin(), *filler), hook_request(), NOW)
+    assert small.decision.kind == large.decision.kind == "b12-test"
+    assert [c.summary for c in small.cards] == [c.summary for c in large.cards]

