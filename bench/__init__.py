@@ -1,0 +1,1 @@
+"""Reproducible benchmark of the CDS Hooks service (see bench/README.md)."""

@@ -1,0 +1,188 @@
+"""Run the benchmark and print (optionally write) the results table.
+
+    .venv/bin/python -m bench.run                      # full run, about 2-4 minutes
+    .venv/bin/python -m bench.run --out bench/RESULTS.md
+    .venv/bin/python -m bench.run --quick              # a few iterations: checks the harness only
+
+See bench/README.md for what each part measures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+import time
+from pathlib import Path
+
+import orjson
+
+from bench.common import machine
+from bench.patients import all_patients, hook_body
+
+PARTS = ("inproc", "http", "fallback", "startup")
+FULL_ITERATIONS = {"small": 2000, "typical": 1000, "large": 300}
+QUICK_ITERATIONS = {"small": 20, "typical": 20, "large": 10}
+
+TARGETS = {
+    "typical_p50": 2.0, "typical_p99": 3.0, "large_p99": 3.0, "http_throughput": 0.60,
+    "fallback": 1.5, "startup_s": 1.5, "rss_mib": 150.0,
+}
+
+
+def _fmt(x: float, digits: int = 2) -> str:
+    return f"{x:.{digits}f}"
+
+
+def _verdict(ok: bool) -> str:
+    return "met" if ok else "**NOT met**"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="few iterations (harness check, not numbers)")
+    parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated subset of {','.join(PARTS)}")
+    parser.add_argument("--http-seconds", type=float, default=10.0, help="load time per server (default 10)")
+    parser.add_argument("--concurrency", type=int, default=4, help="HTTP client threads (default 4)")
+    parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+    parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
+    args = parser.parse_args(argv)
+    parts = [p.strip() for p in args.parts.split(",") if p.strip()]
+    unknown = set(parts) - set(PARTS)
+    if unknown:
+        parser.error(f"unknown parts: {', '.join(sorted(unknown))}")
+    command = "python -m bench.run" + (" " + shlex.join(argv if argv is not None else sys.argv[1:])
+                                       if (argv if argv is not None else sys.argv[1:]) else "")
+
+    started = time.perf_counter()
+    lines: list[str] = []
+    verdicts: list[tuple[str, str, str, bool]] = []
+
+    def out(line: str = "") -> None:
+        lines.append(line)
+        print(line, flush=True)
+
+    info = machine()
+    out(f"# Benchmark results{' (QUICK: harness check only, numbers meaningless)' if args.quick else ''}")
+    out()
+    out(f"Command: `{command}` (from the repository root, with the project's venv)")
+    out()
+    out("| machine | |")
+    out("| --- | --- |")
+    for key, value in info.items():
+        out(f"| {key} | {value} |")
+    out()
+
+    patients = all_patients()
+    by_size = {p.size: p for p in patients}
+    iterations = QUICK_ITERATIONS if args.quick else FULL_ITERATIONS
+    expected_cards: dict[str, bytes] = {}
+
+    if "inproc" in parts:
+        from bench.inproc import run_inprocess
+
+        rows, expected_cards = run_inprocess(patients, iterations, warmup=5 if args.quick else 30)
+        out("## 1. In-process service time, patient-view with full prefetch (Flask test client)")
+        out()
+        out("Same request bytes to the service and to the baseline endpoint (parse the JSON body with")
+        out("orjson, answer `{\"cards\": []}`), calls alternating in chunks of 10. Cards checked identical")
+        out("(UUIDs masked) over 3 calls and to be the expected B12-test card before timing.")
+        out()
+        out("| patient | resources | body KiB | calls | service p50 ms | service p99 ms | baseline p50 ms "
+            "| baseline p99 ms | ratio p50 | ratio p99 | µs/resource (p50, above baseline) |")
+        out("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in rows:
+            out(f"| {r.size} | {r.resources} | {r.body_bytes / 1024:.0f} | {r.calls} | {_fmt(r.service_p50_ms)} "
+                f"| {_fmt(r.service_p99_ms)} | {_fmt(r.baseline_p50_ms)} | {_fmt(r.baseline_p99_ms)} "
+                f"| {_fmt(r.ratio_p50)} | {_fmt(r.ratio_p99)} | {_fmt(r.us_per_resource, 1)} |")
+        out()
+        out(f"Card (every size): \"{rows[0].card_summary}\"")
+        out()
+        rs = {r.size: r for r in rows}
+        verdicts += [
+            ("typical p50 vs baseline", f"<= {TARGETS['typical_p50']}x", f"{_fmt(rs['typical'].ratio_p50)}x",
+             rs["typical"].ratio_p50 <= TARGETS["typical_p50"]),
+            ("typical p99 vs baseline", f"<= {TARGETS['typical_p99']}x", f"{_fmt(rs['typical'].ratio_p99)}x",
+             rs["typical"].ratio_p99 <= TARGETS["typical_p99"]),
+            ("large p99 vs baseline", f"<= {TARGETS['large_p99']}x", f"{_fmt(rs['large'].ratio_p99)}x",
+             rs["large"].ratio_p99 <= TARGETS["large_p99"]),
+        ]
+
+    if "http" in parts:
+        from bench.http_load import run_http, summary
+
+        raw = (hook_body(by_size["typical"], hook_instance="bench-http"))
+        seconds = 2.0 if args.quick else args.http_seconds
+        row = run_http(raw, workers=args.workers, concurrency=args.concurrency, seconds=seconds)
+        out(f"## 2. HTTP on 127.0.0.1, gunicorn gthread, {args.workers} workers x 4 threads, "
+            f"{row.concurrency} client threads, typical patient")
+        out()
+        out("Service: `b12-cds serve --bind 127.0.0.1:<port> --workers N` with CDS_AUTH_DISABLED=1 and a")
+        out("temporary CDS_DATA_DIR (logs at INFO to a file).  Baseline: `bench.baseline_app` under gunicorn")
+        out("with the same settings.  Closed loop, keep-alive, alternating rounds; the Python client shares")
+        out("the machine's cores with the server.")
+        out()
+        out("| server | requests | errors | req/s | p50 ms | p99 ms | RSS per worker MiB (after load) |")
+        out("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        for name, res, rss in (("baseline", row.baseline, row.baseline_rss_mib),
+                               ("service", row.service, row.service_rss_mib)):
+            s = summary(res)
+            out(f"| {name} | {s['requests']} | {s['errors']} | {_fmt(s['rps'], 1)} | {_fmt(s['p50'])} "
+                f"| {_fmt(s['p99'])} | {', '.join(_fmt(x, 1) for x in rss)} |")
+        out()
+        out(f"Throughput ratio service / baseline: **{_fmt(row.throughput_ratio)}**")
+        out()
+        worst_rss = max(row.service_rss_mib or [float("nan")])
+        verdicts += [
+            ("HTTP throughput vs baseline", f">= {TARGETS['http_throughput']:.0%}",
+             f"{row.throughput_ratio:.0%}", row.throughput_ratio >= TARGETS["http_throughput"]
+             and row.service.errors == 0),
+            ("RSS per worker (after load)", f"< {TARGETS['rss_mib']:.0f} MiB", f"{worst_rss:.1f} MiB",
+             worst_rss < TARGETS["rss_mib"]),
+        ]
+
+    if "fallback" in parts:
+        from bench.fallback import run_fallback
+
+        fb = run_fallback(by_size["typical"], expected_cards.get("typical"), calls=5 if args.quick else 20)
+        out("## 3. Fallback: no prefetch, every key fetched from a local FHIR stub (50 ms per answer)")
+        out()
+        out("| patient | hook calls | FHIR queries per hook | hook p50 ms | hook p99 ms "
+            "| one query p50 ms | ratio (p50) | cards same as with prefetch |")
+        out("| --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |")
+        out(f"| typical | {fb.calls} | {fb.queries_per_hook:.0f} | {_fmt(fb.hook_p50_ms)} | {_fmt(fb.hook_p99_ms)} "
+            f"| {_fmt(fb.single_p50_ms)} | {_fmt(fb.ratio)} | {'yes' if fb.same_cards_as_prefetch else 'NO'} |")
+        out()
+        verdicts.append(("fallback vs one query", f"<= {TARGETS['fallback']}x", f"{_fmt(fb.ratio)}x",
+                         fb.ratio <= TARGETS["fallback"]))
+
+    if "startup" in parts:
+        from bench.startup import run_startup
+
+        st = run_startup(runs=2 if args.quick else 5)
+        out("## 4. Start-up (fresh interpreter each run, median, first run dropped)")
+        out()
+        out("| runs | import s | create_app s | import + create_app s | whole process s | RSS after create_app MiB |")
+        out("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        out(f"| {st.runs} | {_fmt(st.import_s, 3)} | {_fmt(st.create_app_s, 3)} | {_fmt(st.total_s, 3)} "
+            f"| {_fmt(st.process_s, 3)} | {_fmt(st.rss_mib, 1)} |")
+        out()
+        verdicts.append(("start-up (import + create_app)", f"< {TARGETS['startup_s']} s",
+                         f"{_fmt(st.total_s, 3)} s", st.total_s < TARGETS["startup_s"]))
+
+    if verdicts:
+        out("## Targets")
+        out()
+        out("| target | goal | measured | |")
+        out("| --- | --- | --- | --- |")
+        for name, goal, measured, ok in verdicts:
+            out(f"| {name} | {goal} | {measured} | {_verdict(ok)} |")
+        out()
+    out(f"Benchmark wall time: {time.perf_counter() - started:.0f} s")
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,38 @@
+"""The benchmark harness still runs: a few in-process calls produce the expected card and ratios.
+
+Not a performance test (no timing is asserted): it keeps bench/ from rotting as the service
+changes.  The real numbers come only from `python -m bench.run` (bench/README.md).
+"""
+
+from __future__ import annotations
+
+import math
+
+import orjson
+
+from bench.common import card_problems
+from bench.inproc import run_inprocess
+from bench.patients import SIZES, all_patients, hook_body, make_patient
+
+
+def test_patients_are_deterministic_and_sized() -> None:
+    for name, target, seed in SIZES:
+        a, b = make_patient(name, target, seed), make_patient(name, target, seed)
+        assert a.prefetch_json == b.prefetch_json
+        assert a.resource_count == target
+        assert orjson.loads(hook_body(a))["prefetch"]["patient"]["id"] == a.patient_id
+
+
+def test_inprocess_harness_produces_card_and_ratio(tmp_path) -> None:
+    small = [p for p in all_patients() if p.size == "small"]
+    rows, cards = run_inprocess(small, {"small": 5}, warmup=1, data_dir=str(tmp_path))
+    (row,) = rows
+    assert row.calls == 5 and row.resources == 20
+    assert "B12" in row.card_summary
+    assert b"2132-9" in cards["small"]
+    for value in (row.ratio_p50, row.ratio_p99, row.us_per_resource):
+        assert math.isfinite(value) and value >= 0
+
+
+def test_card_check_rejects_an_empty_answer() -> None:
+    assert card_problems(b'{"cards": []}') == ["no card"]
