@@ -166,8 +166,11 @@ class CardBuilder:
         parts.append(f"**{h['neuropathic']}**\n\n"
                      + (_bullets(facts.neuropathic) if facts.neuropathic else c["neuropathic_none"]))
         parts.append(f"**{h['results']}**\n\n{self._results(facts)}")
-        parts.append(spec["advice"].format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l),
-                                           recent_days=s.recent_test_days))
+        advice = spec["advice"]
+        if isinstance(advice, dict):  # wording that depends on whether a NICE-listed symptom is documented
+            advice = advice["with_neuropathic" if facts.neuropathic else "without_neuropathic"]
+        parts.append(advice.format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l),
+                                   recent_days=s.recent_test_days))
         if facts.unavailable:
             wording = c["unavailable_data"]
             missing = [wording.get(k, safe_text(k)) for k in sorted(facts.unavailable)]

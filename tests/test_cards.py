@@ -108,6 +108,12 @@ def test_detail_is_honest_about_indirect_evidence(engine) -> None:
     assert "Neck pain by itself is not a listed symptom" in detail
 
 
+def test_advice_does_not_ask_for_symptoms_already_documented(engine) -> None:
+    detail = only_card(run(engine, neck_pain(), metformin(), condition("91019004"))).detail  # paresthesia
+    assert "Neck pain by itself is not a listed symptom" not in detail
+    assert "such as the neuropathic features above" in detail
+
+
 def test_risk_factor_evidence_is_listed(engine) -> None:
     detail = only_card(run(engine, neck_pain(), procedure("53442002", performed=days_before(4000)),
                            medication_request(text="Metformin 1 g tablets"))).detail
