@@ -134,7 +134,9 @@ class CardBuilder:
         if decision.kind == "low-b12":
             r = decision.b12_result
             return spec["summary"]["result"].format(value=_num(r.value_ng_l), date=_day(r.on))[:MAX_SUMMARY]
-        template = spec["summary"]["chronic" if facts.chronic else "neuropathic"]
+        # Red flags lead the summary too: it is the line a busy clinician reads.
+        variant = "red_flags" if facts.red_flags else ("chronic" if facts.chronic else "neuropathic")
+        template = spec["summary"][variant]
         labels = self.risk_labels(facts)
         # Name as many top risk factors as fit; the rest become "+N more".
         for n in range(len(labels), 0, -1):

@@ -243,3 +243,10 @@ def test_card_texts_cover_every_prefetch_key_and_kind() -> None:
         spec = json.loads((cards_dir / f"{kind}.json").read_text())
         assert spec["kind"] == kind
         assert set(spec["override_reasons"]) <= set(common["override_reasons"])
+
+
+def test_red_flags_lead_the_summary(engine) -> None:
+    card = only_card(run(engine, neck_pain(), metformin(), condition("202664003")))  # cervical myelopathy
+    assert card.summary.startswith("Red flags documented, assess urgently")
+    assert "metformin" in card.summary and len(card.summary) < 140
+    assert card.indicator == "warning"
