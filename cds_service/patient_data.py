@@ -262,6 +262,8 @@ def _about_patient(resource: Resource, patient_id: str) -> bool:
     for name in _SUBJECT_FIELDS:
         ref = resource.get(name)
         if isinstance(ref, dict) and isinstance(ref.get("reference"), str):
+            if ref["reference"] == f"Patient/{patient_id}":  # the common case, no string surgery
+                return True
             path = ref["reference"].split("/_history/", 1)[0].rstrip("/")
             return path == f"Patient/{patient_id}" or path.endswith(f"/Patient/{patient_id}")
     return False
@@ -269,13 +271,13 @@ def _about_patient(resource: Resource, patient_id: str) -> bool:
 
 def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData) -> None:
     """Keep structurally usable resources; count the rest (OperationOutcome entries are neither)."""
-    for res in candidates:
-        if _is_outcome(res):
+    keep = into.resources.append
+    for res in candidates:  # runs for every resource: _is_outcome and the type checks inlined
+        rtype = res.get("resourceType") if isinstance(res, dict) else None
+        if rtype == "OperationOutcome":
             continue
-        if (isinstance(res, dict) and isinstance(res.get("resourceType"), str)
-                and res["resourceType"] in KNOWN_RESOURCE_TYPES
-                and _about_patient(res, patient_id)):
-            into.resources.append(res)
+        if isinstance(rtype, str) and rtype in KNOWN_RESOURCE_TYPES and _about_patient(res, patient_id):
+            keep(res)
         else:
             into.skipped += 1
 
