@@ -221,14 +221,20 @@ class Store:
                                application_name="b12-cds")
 
     @contextmanager
-    def _transaction(self, write: bool = True) -> Iterator["_Cursor"]:
+    def _transaction(self, write: bool = True, durable: bool = True) -> Iterator["_Cursor"]:
         """One transaction, committed on success and rolled back on error.
 
         Yields a cursor wrapper taking `?` placeholders.  SQLite write transactions take the
         write lock at BEGIN (`BEGIN IMMEDIATE`), so they never fail half-way on lock upgrade.
+
+        `durable=False` is for records whose last few seconds may be lost in a power failure
+        (issued cards, the JWT replay cache), never for feedback: the commit does not wait for
+        the disk (SQLite WAL `synchronous=NORMAL`: still safe when the process is killed;
+        PostgreSQL `synchronous_commit=off`).  It keeps an fsync off every hook call.
         """
         if self.dialect == "sqlite":
             conn = self._connection()
+            self._sqlite_sync(conn, "FULL" if durable else "NORMAL")
             conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield _Cursor(conn.cursor(), self.dialect)
@@ -239,6 +245,8 @@ class Store:
             conn.execute("COMMIT")
         else:
             conn = self._begin_postgres()
+            if not durable:
+                conn.execute("SET LOCAL synchronous_commit = off")
             try:
                 with conn.cursor() as cur:
                     yield _Cursor(cur, self.dialect)
@@ -250,6 +258,12 @@ class Store:
                         pass
                 raise
             conn.execute("COMMIT")
+
+    def _sqlite_sync(self, conn: Any, level: str) -> None:
+        """Set this thread's connection's `synchronous` level (a PRAGMA only when it changes)."""
+        if getattr(self._local, "sync", None) != (conn, level):
+            conn.execute(f"PRAGMA synchronous = {level}")
+            self._local.sync = (conn, level)
 
     def _begin_postgres(self) -> Any:
         """BEGIN on this thread's connection; a connection found dead (server restart, idle
@@ -309,7 +323,7 @@ class Store:
             return
         patient = self.patient_hash(patient_id)
         now = utc_now_text()
-        with self._transaction() as cur:
+        with self._transaction(durable=False) as cur:
             for card in cards:
                 cur.execute(
                     "INSERT INTO issued_cards (card_uuid, service_id, kind, hook_instance,"
@@ -459,7 +473,7 @@ class Store:
         `INSERT ... ON CONFLICT DO NOTHING` (or of the conditional refresh of an expired row).
         """
         now = time.time()
-        with self._transaction() as cur:
+        with self._transaction(durable=False) as cur:
             cur.execute("INSERT INTO jti_seen (issuer, jti, expires_at) VALUES (?, ?, ?)"
                         " ON CONFLICT (issuer, jti) DO NOTHING", (issuer, jti, expires_at))
             fresh = cur.rowcount == 1
@@ -474,7 +488,7 @@ class Store:
 
     def purge_expired_jti(self, now: float | None = None) -> int:
         """Delete replay-cache rows that expired before `now`; returns how many."""
-        with self._transaction() as cur:
+        with self._transaction(durable=False) as cur:
             cur.execute("DELETE FROM jti_seen WHERE expires_at < ?",
                         (time.time() if now is None else now,))
             return cur.rowcount

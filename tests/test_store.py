@@ -290,6 +290,23 @@ class TestSqliteStore(StoreContract):
         for path in (db, db.with_name("cds.sqlite3-wal")):
             assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
 
+    def test_only_feedback_waits_for_the_disk(self, store):
+        """Feedback commits with synchronous=FULL; issued cards and the replay cache, written on
+        every hook call, commit with NORMAL (WAL: safe if the process dies, not on power loss)."""
+        conn = store._connection()
+
+        def level() -> int:
+            return conn.execute("PRAGMA synchronous").fetchone()[0]
+
+        store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))])
+        assert level() == 1  # NORMAL
+        store.save_feedback(SVC, [accepted("c1", "s1")])
+        assert level() == 2  # FULL
+        assert store.remember_jti("iss", "j1", time.time() + 60) is True
+        assert level() == 1
+        store.save_feedback(SVC, [overridden("c1", comment="no")])
+        assert level() == 2
+
     def test_generated_patient_key_is_private_and_shared_by_every_worker(self, tmp_path):
         settings = Settings(data_dir=str(tmp_path / "data"))
         a, b = Store.open(settings), Store.open(settings)
