@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import email.utils
 import http.cookiejar
+import logging
 import re
 import threading
 import time
@@ -379,7 +380,9 @@ class PatientDataGatherer:
         fetched = tuple(k for k in templates if data[k].fetched and data[k].ok)
         calls = sum(kd.calls for kd in data.values())
         skipped = skipped_prefetch + sum(kd.skipped for kd in data.values())
-        log.info("gather", extra={
+        # The hook's own log line carries the counts; this line adds the per-key failure reasons
+        # and the fetch time, so at INFO it is written only when the FHIR server was involved.
+        log.log(logging.INFO if (calls or unavailable) else logging.DEBUG, "gather", extra={
             "event": "gather", "hook_instance": request.hook_instance,
             "keys_fetched": list(fetched) or None, "keys_failed": unavailable or None,
             "reason": ";".join(f"{k}:{data[k].reason}" for k in unavailable) or None,
