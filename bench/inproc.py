@@ -96,11 +96,11 @@ def _time_calls(client: Any, raw: bytes, n: int) -> list[float]:
 
 
 def run_inprocess(patients: list[Patient], iterations: dict[str, int], *, warmup: int = 20,
-                  data_dir: str | None = None) -> tuple[list[InprocRow], dict[str, bytes]]:
+                  data_dir: str | None = None, **overrides: Any) -> tuple[list[InprocRow], dict[str, bytes]]:
     """Time every patient; returns the rows and each patient's normalised cards."""
     tmp = tempfile.TemporaryDirectory(prefix="b12-bench-") if data_dir is None else None
     try:
-        app = make_service_app(data_dir or tmp.name)  # type: ignore[union-attr]
+        app = make_service_app(data_dir or tmp.name, **overrides)  # type: ignore[union-attr]
         service = app.test_client()
         baseline = create_baseline_app().test_client()
         rows: list[InprocRow] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -30,6 +31,27 @@ def services(app: Flask | None = None) -> Services:
     return (app or current_app).extensions["cds"]
 
 
+GC_THRESHOLDS = (50_000, 20, 100)
+"""Young-generation threshold far above CPython's 700: a hook call allocates tens of thousands of
+short-lived, acyclic containers (the parsed JSON, freed by reference counting when the request
+ends); with the default, collections ran in the middle of requests and promoted live request
+data into older generations, whose collections then showed up in the p99 (bench/RESULTS.md)."""
+
+
+def tune_garbage_collector() -> None:
+    """Process-wide GC settings for a long-lived server (called by `create_app`, i.e. in each
+    gunicorn worker; the benchmark's baseline app calls it too, so comparisons stay fair).
+
+    Everything loaded at start-up (value sets, card texts, the fhir.resources and pydantic model
+    classes: tens of thousands of objects that live as long as the process) is moved out of the
+    collector's reach with `gc.freeze()`, the documented remedy for long-lived servers, and the
+    thresholds are raised (see `GC_THRESHOLDS`).  Cyclic garbage is still collected.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
 def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     """Build the Flask app. `config` overrides settings read from `CDS_*` environment variables."""
     from cds_service import http, logs
@@ -53,6 +75,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         patient_data=PatientDataGatherer(settings),
     )
     http.register(app)
+    tune_garbage_collector()
     if settings.auth_disabled:
         logging.getLogger("cds_service").warning(
             "auth_disabled", extra={"event": "auth_disabled",

@@ -97,6 +97,17 @@ class CardBuilder:
         self.texts = texts
         self.knowledge = knowledge
         self.settings = settings
+        # The parts every card of a kind shares are built (and checked by the card model) once,
+        # at start-up: a broken card file fails the deployment, not a clinician's request.
+        common = texts.common
+        self._source = protocol.Source(label=common["source"]["label"], url=common["source"]["url"],
+                                       topic=protocol.Coding(**common["source"]["topic"]))
+        self._links = [protocol.Link(**link) for link in common["links"]]
+        self._override_reasons = {
+            kind: [protocol.OverrideReason(system=common["override_reason_system"], code=code,
+                                           display=common["override_reasons"][code])
+                   for code in spec["override_reasons"]]
+            for kind, spec in texts.kinds.items()}
 
     # -- public -------------------------------------------------------------------------------
     def build(self, decision: Decision, facts: PatientFacts, context: Any) -> protocol.Card | None:
@@ -104,7 +115,6 @@ class CardBuilder:
         if decision.kind is None:
             return None
         spec = self.texts.kinds[decision.kind]
-        common = self.texts.common
         suggestions = None
         if decision.kind in ("b12-test", "mma-test"):
             suggestion = self._suggestion(decision.kind, spec, facts, context)
@@ -113,16 +123,11 @@ class CardBuilder:
             summary=self._summary(decision, spec, facts),
             detail=self._detail(decision, spec, facts),
             indicator=decision.indicator or "info",
-            source=protocol.Source(
-                label=common["source"]["label"], url=common["source"]["url"],
-                topic=protocol.Coding(**common["source"]["topic"])),
+            source=self._source,
             suggestions=suggestions,
             selectionBehavior="at-most-one" if suggestions else None,
-            overrideReasons=[
-                protocol.OverrideReason(system=common["override_reason_system"], code=code,
-                                        display=common["override_reasons"][code])
-                for code in spec["override_reasons"]],
-            links=[protocol.Link(**link) for link in common["links"]],
+            overrideReasons=list(self._override_reasons[decision.kind]),
+            links=list(self._links),
         )
 
     # -- summary ------------------------------------------------------------------------------

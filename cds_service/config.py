@@ -42,6 +42,8 @@ class Settings:
     b12_low_below_ng_l: float = 180.0
     b12_normal_above_ng_l: float = 350.0
     b12_order_loinc: str = "2132-9"
+    validation_cache_size: int = 8192
+    """R4B validation verdicts remembered per worker (a digest and a boolean each); 0: off."""
     order_intent: str = "proposal"
 
     # --- protocol limits -------------------------------------------------------------------

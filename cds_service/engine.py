@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 from cds_service import protocol
 from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts
 from cds_service.config import Settings
-from cds_service.facts import PatientFacts, derive_facts
+from cds_service.facts import PatientFacts, ValidationVerdicts, derive_facts
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.record import PatientRecord
 from cds_service.rules import Decision, decide
@@ -39,6 +39,7 @@ class ClinicalEngine:
         self.knowledge = knowledge
         self.texts = texts
         self._cards = CardBuilder(texts, knowledge, settings)
+        self.verdicts = ValidationVerdicts(settings.validation_cache_size)
 
     @classmethod
     def load(cls, settings: Settings) -> "ClinicalEngine":
@@ -59,7 +60,7 @@ class ClinicalEngine:
                  now: datetime | None = None) -> Evaluation:
         """Facts -> rules -> at most one card for this patient."""
         now = now or datetime.now(timezone.utc)
-        facts = derive_facts(record, request.context, self.knowledge, self.settings, now)
+        facts = derive_facts(record, request.context, self.knowledge, self.settings, now, self.verdicts)
         decision = decide(facts, self.settings)
         card = self._cards.build(decision, facts, request.context)
         cards = [card] if card is not None else []

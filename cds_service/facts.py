@@ -16,13 +16,18 @@ Counting rules (issue #2, "Facts derived from the patient's data"):
 
 from __future__ import annotations
 
+import hashlib
 import math
 import re
+import threading
+from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from types import MappingProxyType
 from typing import Any
+
+import orjson
 
 from cds_service.config import Settings
 from cds_service.knowledge import LOINC, Knowledge
@@ -214,12 +219,51 @@ def _model_for(resource_type: str) -> Any:
     return model
 
 
+class ValidationVerdicts:
+    """A bounded, thread-safe memory of R4B validation verdicts, keyed by a digest of the
+    resource's canonical JSON.
+
+    EHRs send the same resources again and again (order-select fires on every change of the
+    selection; a chart is reopened), and validating with fhir.resources costs far more than the
+    rest of the evaluation.  Only a 128-bit digest and a boolean are kept, never record data.
+    `size=0` disables it.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._verdicts: OrderedDict[bytes, bool] = OrderedDict()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(resource: dict[str, Any]) -> bytes | None:
+        try:
+            canonical = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
+        except (TypeError, orjson.JSONEncodeError):  # e.g. an integer beyond 64 bits
+            return None
+        return hashlib.blake2b(canonical, digest_size=16).digest()
+
+    def get(self, key: bytes) -> bool | None:
+        with self._lock:
+            verdict = self._verdicts.get(key)
+            if verdict is not None:
+                self._verdicts.move_to_end(key)
+            return verdict
+
+    def put(self, key: bytes, verdict: bool) -> None:
+        with self._lock:
+            self._verdicts[key] = verdict
+            self._verdicts.move_to_end(key)
+            while len(self._verdicts) > self.size:
+                self._verdicts.popitem(last=False)
+
+
 class _Validator:
     """Validates each matched resource at most once; counts the failures."""
 
-    def __init__(self) -> None:
+    def __init__(self, verdicts: ValidationVerdicts | None = None) -> None:
         self.skipped = 0
         self._seen: dict[int, bool] = {}
+        self._verdicts = verdicts if verdicts is not None and verdicts.size > 0 else None
 
     def ok(self, resource: dict[str, Any], expected_type: str) -> bool:
         key = id(resource)
@@ -227,13 +271,25 @@ class _Validator:
             return self._seen[key]
         valid = resource.get("resourceType") == expected_type
         if valid:
-            try:
-                _model_for(expected_type).model_validate(resource)
-            except Exception:  # noqa: BLE001 - any failure (ValidationError, RecursionError...) = invalid
-                valid = False
+            valid = self._validate(resource, expected_type)
         if not valid:
             self.skipped += 1
         self._seen[key] = valid
+        return valid
+
+    def _validate(self, resource: dict[str, Any], expected_type: str) -> bool:
+        digest = ValidationVerdicts.key(resource) if self._verdicts is not None else None
+        if digest is not None:
+            known = self._verdicts.get(digest)  # type: ignore[union-attr]
+            if known is not None:
+                return known
+        try:
+            _model_for(expected_type).model_validate(resource)
+            valid = True
+        except Exception:  # noqa: BLE001 - any failure (ValidationError, RecursionError...) = invalid
+            valid = False
+        if digest is not None:
+            self._verdicts.put(digest, valid)  # type: ignore[union-attr]
         return valid
 
 
@@ -313,11 +369,12 @@ def _dicts(resources: Iterable[Any]) -> Iterable[dict[str, Any]]:
 
 
 def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, settings: Settings,
-                 now: datetime | date) -> PatientFacts:
+                 now: datetime | date, verdicts: ValidationVerdicts | None = None) -> PatientFacts:
     """Derive the `PatientFacts` the rules read.  `context` is the hook's `HookContext` (only
-    `patient_id` is read); `now` fixes "today" so results are reproducible."""
+    `patient_id` is read); `now` fixes "today" so results are reproducible.  `verdicts` remembers
+    validation results across calls (the engine owns one)."""
     today = now.date() if isinstance(now, datetime) else now
-    validator = _Validator()
+    validator = _Validator(verdicts)
     col = _Collector()
 
     _conditions(record.conditions, knowledge, validator, col)

@@ -235,8 +235,10 @@ def _needs_fetch(value: Any) -> bool:
     if _is_outcome(value):
         return True
     if isinstance(value, dict) and value.get("resourceType") == "Bundle":
-        entries = _bundle_resources(value)
-        return bool(entries) and all(_is_outcome(r) for r in entries)
+        entries = value.get("entry")
+        # Lazily: a data Bundle is recognised at its first entry, without copying its entries.
+        return (isinstance(entries, list) and bool(entries)
+                and all(isinstance(e, dict) and _is_outcome(e.get("resource")) for e in entries))
     return not isinstance(value, dict)  # a string, list or number is not a prefetch value
 
 

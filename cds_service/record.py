@@ -50,24 +50,29 @@ class PatientRecord:
     def from_resources(cls, resources: list[Resource], *, draft_orders: list[Resource] = (),
                        unavailable: frozenset[str] = frozenset()) -> "PatientRecord":
         """Group a flat list of resources by type (duplicates by type+id are dropped)."""
-        seen: set[tuple[str, str]] = set()
+        # Runs over every resource of every hook call: plain loops, local names, no helpers.
+        seen: set[str] = set()
         groups: dict[str, list[Resource]] = {}
         patient: Resource | None = None
         for res in resources:
-            if not isinstance(res, dict):
+            if type(res) is not dict:
                 continue
             rtype = res.get("resourceType")
-            if not isinstance(rtype, str):
+            if type(rtype) is not str:
                 continue  # malformed: no usable type (a list or object here must not crash us)
             rid = res.get("id")
-            if isinstance(rid, str):
-                if (rtype, rid) in seen:
+            if type(rid) is str:
+                key = f"{rtype}/{rid}"
+                if key in seen:
                     continue
-                seen.add((rtype, rid))
+                seen.add(key)
             if rtype == "Patient":
                 patient = patient or res
             else:
-                groups.setdefault(rtype, []).append(res)
+                group = groups.get(rtype)
+                if group is None:
+                    groups[rtype] = group = []
+                group.append(res)
         return cls(
             patient=patient,
             conditions=tuple(groups.get("Condition", ())),

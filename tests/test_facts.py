@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from datetime import date
 
 import pytest
@@ -10,7 +11,7 @@ from cds_service.config import Settings
 from cds_service.facts import PatientFacts, age_on, derive_facts, parse_date
 from cds_service.knowledge import Knowledge
 from tests.fhir_builders import (
-    ICD10CM, LOINC, NOW, RXNORM, SNOMED, TODAY, b12_result, condition, context, days_before,
+    ICD10CM, LOINC, NOW, SNOMED, TODAY, b12_result, condition, context, days_before,
     medication_request, medication_statement, metformin, mma_result, neck_pain, observation, patient,
     procedure, record, service_request, years_before,
 )
@@ -369,3 +370,48 @@ def test_partial_dates_can_take_the_last_day() -> None:
 def test_age_on_birthday() -> None:
     assert age_on(date(1950, 6, 15), date(2025, 6, 15)) == 75
     assert age_on(date(1950, 6, 16), date(2025, 6, 15)) == 74
+
+
+def test_validation_verdicts_are_remembered_by_content_not_identity(monkeypatch):
+    """The verdict cache: the same content is validated once; changed content is validated again;
+    an invalid resource stays invalid when seen again."""
+    from cds_service import facts as facts_module
+
+    calls = []
+    real = facts_module._model_for
+
+    def counting(rtype):
+        model = real(rtype)
+
+        class Counting:
+            @staticmethod
+            def model_validate(resource):
+                calls.append(resource.get("id"))
+                return model.model_validate(resource)
+        return Counting
+
+    monkeypatch.setattr(facts_module, "_model_for", counting)
+    verdicts = facts_module.ValidationVerdicts(16)
+    good = condition("81680005", id="np1")
+    bad = {**condition("81680005", id="np2"), "onsetDateTime": "not-a-date"}
+    for _ in range(3):
+        v = facts_module._Validator(verdicts)
+        assert v.ok(json.loads(json.dumps(good)), "Condition") is True  # a fresh, equal dict each time
+        assert v.ok(json.loads(json.dumps(bad)), "Condition") is False
+        assert v.skipped == 1
+    assert calls == ["np1", "np2"]
+    changed = {**good, "note": [{"text": "edited"}]}
+    assert facts_module._Validator(verdicts).ok(changed, "Condition") is True
+    assert calls == ["np1", "np2", "np1"]
+    off = facts_module._Validator(facts_module.ValidationVerdicts(0))
+    off.ok(good, "Condition")
+    assert calls[-1] == "np1" and len(calls) == 4
+
+
+def test_validation_verdicts_are_bounded():
+    from cds_service.facts import ValidationVerdicts
+
+    verdicts = ValidationVerdicts(2)
+    for i in range(5):
+        verdicts.put(bytes([i]), True)
+    assert verdicts.get(bytes([0])) is None and verdicts.get(bytes([4])) is True

@@ -7,12 +7,8 @@ issued cards, answer.
 
 from __future__ import annotations
 
-import gc
 import json
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -157,8 +153,7 @@ def read_json_body(req: Request, *, max_depth: int) -> Any:
         raise CdsError(415, "request body must be application/json")
     raw = req.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     try:
-        with gc_paused():
-            body = orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
         raise CdsError(400, f"request body is not valid JSON ({_short_reason(err)})") from None
     if isinstance(body, dict):
@@ -169,38 +164,6 @@ def read_json_body(req: Request, *, max_depth: int) -> Any:
         if depth > max_depth:
             raise CdsError(400, f"request JSON is nested deeper than {max_depth} levels")
     return body
-
-
-_gc_lock = threading.Lock()
-_gc_pause_depth = 0
-_gc_resume = False
-
-
-@contextmanager
-def gc_paused() -> Iterator[None]:
-    """Pause the cyclic garbage collector while a JSON body is parsed.
-
-    A parsed JSON document cannot contain reference cycles, yet building one allocates tens of
-    thousands of dicts and lists, and every 700 container allocations trigger a collection
-    that walks the young objects (and regularly the whole heap, which includes the tens of
-    thousands of long-lived objects of fhir.resources and pydantic).  bench/ measured the parse
-    of a 300 KB prefetch in a service process at about twice the time of the same parse with
-    collection paused.  Counted, so that with concurrent requests in one worker (gthread)
-    collection resumes when the last parse ends; nothing is skipped, only deferred.
-    """
-    global _gc_pause_depth, _gc_resume
-    with _gc_lock:
-        if _gc_pause_depth == 0:
-            _gc_resume = gc.isenabled()
-            gc.disable()
-        _gc_pause_depth += 1
-    try:
-        yield
-    finally:
-        with _gc_lock:
-            _gc_pause_depth -= 1
-            if _gc_pause_depth == 0 and _gc_resume:
-                gc.enable()
 
 
 def _short_reason(err: Exception) -> str:
