@@ -16,7 +16,7 @@ import stat
 import threading
 import time
 from collections.abc import Callable
-from datetime import date, timedelta, timezone, datetime
+from datetime import timedelta, timezone, datetime
 from pathlib import Path
 
 import pytest
