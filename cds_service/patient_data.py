@@ -275,14 +275,18 @@ def _about_patient(resource: Resource, patient_id: str) -> bool:
 def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData) -> None:
     """Keep structurally usable resources; count the rest (OperationOutcome entries are neither)."""
     keep = into.resources.append
-    for res in candidates:  # runs for every resource: _is_outcome and the type checks inlined
-        rtype = res.get("resourceType") if isinstance(res, dict) else None
+    own_reference = f"Patient/{patient_id}"
+    for res in candidates:  # runs for every resource: the common case is checked inline
+        rtype = res.get("resourceType") if type(res) is dict else None
         if rtype == "OperationOutcome":
             continue
-        if isinstance(rtype, str) and rtype in KNOWN_RESOURCE_TYPES and _about_patient(res, patient_id):
-            keep(res)
-        else:
-            into.skipped += 1
+        if type(rtype) is str and rtype in KNOWN_RESOURCE_TYPES:
+            subject = res.get("subject")
+            if (type(subject) is dict and subject.get("reference") == own_reference) \
+                    or _about_patient(res, patient_id):
+                keep(res)
+                continue
+        into.skipped += 1
 
 
 # ---------------------------------------------------------------------------------------------
