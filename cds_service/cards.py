@@ -25,6 +25,7 @@ import nh3
 from cds_service import protocol
 from cds_service.config import Settings
 from cds_service.facts import Evidence, LabResult, PatientFacts
+from cds_service.fhir_validation import ValidationVerdicts, is_valid_r4b
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.rules import Decision, band_b12
 
@@ -93,10 +94,12 @@ class CardTexts:
 class CardBuilder:
     """Builds the card for one decision (stateless apart from the loaded texts)."""
 
-    def __init__(self, texts: CardTexts, knowledge: Knowledge, settings: Settings) -> None:
+    def __init__(self, texts: CardTexts, knowledge: Knowledge, settings: Settings,
+                 verdicts: ValidationVerdicts | None = None) -> None:
         self.texts = texts
         self.knowledge = knowledge
         self.settings = settings
+        self.verdicts = verdicts
         # The parts every card of a kind shares are built (and checked by the card model) once,
         # at start-up: a broken card file fails the deployment, not a clinician's request.
         common = texts.common
@@ -219,7 +222,8 @@ class CardBuilder:
         vs = "mma-lab" if kind == "mma-test" else "b12-lab"
         resource = build_service_request(
             loinc=loinc, display=self.knowledge.display(vs, LOINC, loinc) or spec["suggestion"]["code_text"],
-            text=spec["suggestion"]["code_text"], facts=facts, context=context, intent=self.settings.order_intent)
+            text=spec["suggestion"]["code_text"], facts=facts, context=context, intent=self.settings.order_intent,
+            verdicts=self.verdicts)
         if resource is None:
             return None
         return protocol.Suggestion(
@@ -228,11 +232,9 @@ class CardBuilder:
 
 
 def build_service_request(*, loinc: str, display: str, text: str, facts: PatientFacts, context: Any,
-                          intent: str) -> dict[str, Any] | None:
+                          intent: str, verdicts: ValidationVerdicts | None = None) -> dict[str, Any] | None:
     """A draft ServiceRequest for a lab test, validated with fhir.resources R4B (None if invalid,
     e.g. a misconfigured intent: the card is then shown without a suggestion)."""
-    from fhir.resources.R4B.servicerequest import ServiceRequest
-
     if intent not in REQUEST_INTENTS:
         log.warning("invalid ServiceRequest intent", extra={"event": "invalid_suggestion"})
         return None
@@ -254,9 +256,7 @@ def build_service_request(*, loinc: str, display: str, text: str, facts: Patient
         resource["reasonReference"] = [{"reference": ref} for ref in refs]
     else:
         resource["reasonCode"] = [{"text": "Neck pain"}]
-    try:
-        ServiceRequest.model_validate(resource)
-    except Exception:  # noqa: BLE001 - never let an invalid suggestion break the card
+    if not is_valid_r4b(resource, "ServiceRequest", verdicts):
         log.warning("invalid ServiceRequest suggestion", extra={"event": "invalid_suggestion"})
         return None
     return resource

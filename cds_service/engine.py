@@ -14,7 +14,8 @@ from datetime import datetime, timezone
 from cds_service import protocol
 from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts
 from cds_service.config import Settings
-from cds_service.facts import PatientFacts, ValidationVerdicts, derive_facts
+from cds_service.facts import PatientFacts, derive_facts
+from cds_service.fhir_validation import ValidationVerdicts
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.record import PatientRecord
 from cds_service.rules import Decision, decide
@@ -38,8 +39,8 @@ class ClinicalEngine:
         self.settings = settings
         self.knowledge = knowledge
         self.texts = texts
-        self._cards = CardBuilder(texts, knowledge, settings)
         self.verdicts = ValidationVerdicts(settings.validation_cache_size)
+        self._cards = CardBuilder(texts, knowledge, settings, self.verdicts)
 
     @classmethod
     def load(cls, settings: Settings) -> "ClinicalEngine":

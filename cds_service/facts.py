@@ -16,20 +16,16 @@ Counting rules (issue #2, "Facts derived from the patient's data"):
 
 from __future__ import annotations
 
-import hashlib
 import math
 import re
-import threading
-from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from types import MappingProxyType
 from typing import Any
 
-import orjson
-
 from cds_service.config import Settings
+from cds_service.fhir_validation import ValidationVerdicts, is_valid_r4b
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.record import PatientRecord
 
@@ -198,99 +194,21 @@ def _first_date(resource: dict[str, Any], *paths: str) -> date | None:
 
 # --- validation -------------------------------------------------------------------------------
 
-def _model_for(resource_type: str) -> Any:
-    """The fhir.resources R4B model class (imported lazily: only matched resources need it)."""
-    if resource_type == "Condition":
-        from fhir.resources.R4B.condition import Condition as model
-    elif resource_type == "Observation":
-        from fhir.resources.R4B.observation import Observation as model
-    elif resource_type == "MedicationRequest":
-        from fhir.resources.R4B.medicationrequest import MedicationRequest as model
-    elif resource_type == "MedicationStatement":
-        from fhir.resources.R4B.medicationstatement import MedicationStatement as model
-    elif resource_type == "Procedure":
-        from fhir.resources.R4B.procedure import Procedure as model
-    elif resource_type == "ServiceRequest":
-        from fhir.resources.R4B.servicerequest import ServiceRequest as model
-    elif resource_type == "Patient":
-        from fhir.resources.R4B.patient import Patient as model
-    else:
-        return None
-    return model
-
-
-class ValidationVerdicts:
-    """A bounded, thread-safe memory of R4B validation verdicts, keyed by a digest of the
-    resource's canonical JSON.
-
-    EHRs send the same resources again and again (order-select fires on every change of the
-    selection; a chart is reopened), and validating with fhir.resources costs far more than the
-    rest of the evaluation.  Only a 128-bit digest and a boolean are kept, never record data.
-    `size=0` disables it.
-    """
-
-    def __init__(self, size: int) -> None:
-        self.size = size
-        self._verdicts: OrderedDict[bytes, bool] = OrderedDict()
-        self._lock = threading.Lock()
-
-    @staticmethod
-    def key(resource: dict[str, Any]) -> bytes | None:
-        try:
-            canonical = orjson.dumps(resource, option=orjson.OPT_SORT_KEYS)
-        except (TypeError, orjson.JSONEncodeError):  # e.g. an integer beyond 64 bits
-            return None
-        return hashlib.blake2b(canonical, digest_size=16).digest()
-
-    def get(self, key: bytes) -> bool | None:
-        with self._lock:
-            verdict = self._verdicts.get(key)
-            if verdict is not None:
-                self._verdicts.move_to_end(key)
-            return verdict
-
-    def put(self, key: bytes, verdict: bool) -> None:
-        with self._lock:
-            self._verdicts[key] = verdict
-            self._verdicts.move_to_end(key)
-            while len(self._verdicts) > self.size:
-                self._verdicts.popitem(last=False)
-
-
 class _Validator:
-    """Validates each matched resource at most once; counts the failures."""
+    """Validates each matched resource at most once per call; counts the failures."""
 
     def __init__(self, verdicts: ValidationVerdicts | None = None) -> None:
         self.skipped = 0
         self._seen: dict[int, bool] = {}
-        self._verdicts = verdicts if verdicts is not None and verdicts.size > 0 else None
+        self._verdicts = verdicts
 
     def ok(self, resource: dict[str, Any], expected_type: str) -> bool:
         key = id(resource)
-        if key in self._seen:
-            return self._seen[key]
-        valid = resource.get("resourceType") == expected_type
-        if valid:
-            valid = self._validate(resource, expected_type)
-        if not valid:
-            self.skipped += 1
-        self._seen[key] = valid
-        return valid
-
-    def _validate(self, resource: dict[str, Any], expected_type: str) -> bool:
-        digest = ValidationVerdicts.key(resource) if self._verdicts is not None else None
-        if digest is not None:
-            known = self._verdicts.get(digest)  # type: ignore[union-attr]
-            if known is not None:
-                return known
-        try:
-            _model_for(expected_type).model_validate(resource)
-            valid = True
-        except Exception:  # noqa: BLE001 - any failure (ValidationError, RecursionError...) = invalid
-            valid = False
-        if digest is not None:
-            self._verdicts.put(digest, valid)  # type: ignore[union-attr]
-        return valid
+        if key not in self._seen:
+            self._seen[key] = valid = is_valid_r4b(resource, expected_type, self._verdicts)
+            if not valid:
+                self.skipped += 1
+        return self._seen[key]
 
 
 # --- matching ---------------------------------------------------------------------------------

@@ -8,10 +8,11 @@ printed.
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import time
+
+import orjson
 
 LOGGER_NAME = "cds_service"
 
@@ -36,7 +37,7 @@ class JsonFormatter(logging.Formatter):
             value = getattr(record, name, None)
             if value is not None:
                 entry[name] = value
-        return json.dumps(entry, default=str)
+        return orjson.dumps(entry, default=str).decode()
 
 
 def configure(level: str = "INFO") -> logging.Logger:

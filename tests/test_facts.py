@@ -376,9 +376,10 @@ def test_validation_verdicts_are_remembered_by_content_not_identity(monkeypatch)
     """The verdict cache: the same content is validated once; changed content is validated again;
     an invalid resource stays invalid when seen again."""
     from cds_service import facts as facts_module
+    from cds_service import fhir_validation
 
     calls = []
-    real = facts_module._model_for
+    real = fhir_validation._model_for
 
     def counting(rtype):
         model = real(rtype)
@@ -390,8 +391,8 @@ def test_validation_verdicts_are_remembered_by_content_not_identity(monkeypatch)
                 return model.model_validate(resource)
         return Counting
 
-    monkeypatch.setattr(facts_module, "_model_for", counting)
-    verdicts = facts_module.ValidationVerdicts(16)
+    monkeypatch.setattr(fhir_validation, "_model_for", counting)
+    verdicts = fhir_validation.ValidationVerdicts(16)
     good = condition("81680005", id="np1")
     bad = {**condition("81680005", id="np2"), "onsetDateTime": "not-a-date"}
     for _ in range(3):
@@ -403,13 +404,13 @@ def test_validation_verdicts_are_remembered_by_content_not_identity(monkeypatch)
     changed = {**good, "note": [{"text": "edited"}]}
     assert facts_module._Validator(verdicts).ok(changed, "Condition") is True
     assert calls == ["np1", "np2", "np1"]
-    off = facts_module._Validator(facts_module.ValidationVerdicts(0))
+    off = facts_module._Validator(fhir_validation.ValidationVerdicts(0))
     off.ok(good, "Condition")
     assert calls[-1] == "np1" and len(calls) == 4
 
 
 def test_validation_verdicts_are_bounded():
-    from cds_service.facts import ValidationVerdicts
+    from cds_service.fhir_validation import ValidationVerdicts
 
     verdicts = ValidationVerdicts(2)
     for i in range(5):
