@@ -28,7 +28,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import date, datetime, timezone
 from pathlib import Path
@@ -141,6 +141,7 @@ class Store:
         self._all_conns: list[tuple[int, Any]] = []
         self._inherited: list[Any] = []
         self._conns_lock = threading.Lock()
+        self._sqlite_write_lock = threading.Lock()
         self._next_purge = 0.0
 
     # ---------------------------------------------------------------------------------------
@@ -235,14 +236,18 @@ class Store:
         if self.dialect == "sqlite":
             conn = self._connection()
             self._sqlite_sync(conn, "FULL" if durable else "NORMAL")
-            conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
-            try:
-                yield _Cursor(conn.cursor(), self.dialect)
-            except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+            # SQLite has one writer at a time, and a writer that finds the lock taken sleeps at
+            # least 1 ms in its busy handler.  Threads of this process queue on a Python lock
+            # instead (microseconds); only other processes still meet SQLite's lock.
+            with self._sqlite_write_lock if write else nullcontext():
+                conn.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+                try:
+                    yield _Cursor(conn.cursor(), self.dialect)
+                except BaseException:
+                    if conn.in_transaction:
+                        conn.execute("ROLLBACK")
+                    raise
+                conn.execute("COMMIT")
         else:
             conn = self._begin_postgres()
             if not durable:
