@@ -6,11 +6,17 @@ import gc
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Flask
 
 from cds_service.config import Settings
+
+if TYPE_CHECKING:  # the real imports happen in create_app, after settings and logging
+    from cds_service.engine import ClinicalEngine
+    from cds_service.patient_data import PatientDataGatherer
+    from cds_service.security import RequestVerifier
+    from cds_service.store import Store
 
 
 @dataclass
@@ -18,10 +24,10 @@ class Services:
     """Long-lived objects shared by all requests of one app (one per worker process)."""
 
     settings: Settings
-    engine: Any  # cds_service.engine.ClinicalEngine
-    store: Any  # cds_service.store.Store
-    verifier: Any  # cds_service.security.RequestVerifier
-    patient_data: Any  # cds_service.patient_data.PatientDataGatherer
+    engine: ClinicalEngine
+    store: Store
+    verifier: RequestVerifier
+    patient_data: PatientDataGatherer
 
 
 def services(app: Flask | None = None) -> Services:

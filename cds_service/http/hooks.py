@@ -21,7 +21,9 @@ from cds_service import metrics
 from cds_service.app import services
 from cds_service.http.errors import json_response
 from cds_service.logs import get_logger
-from cds_service.protocol import CdsError, cards_response, parse_hook_request
+from cds_service.engine import Evaluation
+from cds_service.protocol import CdsError, HookRequest, cards_response, parse_hook_request
+from cds_service.store import IssuedCard
 
 blueprint = Blueprint("hooks", __name__)
 log = get_logger("hooks")
@@ -114,7 +116,7 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
     g.log_counts = {
         "cards": len(evaluation.cards),
         "card_kinds": sorted(set(evaluation.card_kinds.values())) or None,
-        "reason": getattr(evaluation.decision, "reason", None),
+        "reason": evaluation.decision.reason,
         "keys_fetched": list(gathered.fetched_keys) or None,
         "keys_failed": list(gathered.failed_keys) or None,
         "fhir_calls": gathered.fhir_calls or None,
@@ -123,10 +125,8 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
     return json_response(cards_response(evaluation.cards))
 
 
-def _record_issued(service_id: str, hook_request: Any, evaluation: Any) -> None:
+def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evaluation) -> None:
     """Remember each card issued so feedback can be tied to its kind (patient id is hashed)."""
-    from cds_service.store import IssuedCard
-
     if not evaluation.cards:
         return
     issued = [
