@@ -43,6 +43,9 @@ LOCAL_LAB = "urn:oid:2.16.840.1.113883.3.9999.1"
 # (size name, target resource count, seed)
 SIZES: tuple[tuple[str, int, int], ...] = (("small", 20, 11), ("typical", 300, 22), ("large", 3000, 33))
 
+# Filler codes below are synthetic load for the benchmark only: they never reach a clinician,
+# are not clinical knowledge, and were not verified against a terminology server (the shipped
+# value sets and demo patients use only the verified codes of ../shared/clinical-codes.json).
 # Filler problems: (SNOMED, ICD-10-CM, display).  None of these is in a rules value set.
 FILLER_CONDITIONS = (
     ("38341003", "I10", "Essential hypertension"),

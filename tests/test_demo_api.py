@@ -301,8 +301,7 @@ def test_order_select_with_draft_orders(demo_app: Flask, demo: FlaskClient) -> N
 
     subject = {"reference": "Patient/demo-metformin-chronic"}
     naproxen = {"resourceType": "MedicationRequest", "id": "d1", "status": "draft", "intent": "order",
-                "subject": subject, "medicationCodeableConcept": {"coding": [
-                    {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "198013"}]}}
+                "subject": subject, "medicationCodeableConcept": {"text": "Naproxen 500 mg tablet"}}
     b12 = {"resourceType": "ServiceRequest", "id": "d2", "status": "draft", "intent": "order", "subject": subject,
            "code": {"coding": [{"system": "http://loinc.org", "code": "2132-9"}]}}
     with_med = hook_call(demo, "demo-metformin-chronic", "order-select", ORDER_SELECT, **draft(naproxen))

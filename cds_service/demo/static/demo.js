@@ -37,11 +37,8 @@
         id: "demo-draft-naproxen",
         status: "draft",
         intent: "order",
-        medicationCodeableConcept: {
-          coding: [{ system: "http://www.nlm.nih.gov/research/umls/rxnorm", code: "198013",
-                     display: "naproxen 500 MG Oral Tablet" }],
-          text: "Naproxen 500 mg tablet"
-        },
+        // Text only: this project ships no code it has not verified (see clinical-knowledge.md).
+        medicationCodeableConcept: { text: "Naproxen 500 mg tablet" },
         subject: { reference: "Patient/" + patientId },
         requester: { reference: USER_ID },
         authoredOn: new Date().toISOString().slice(0, 10)
