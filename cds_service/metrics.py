@@ -15,7 +15,7 @@ from prometheus_client import (CONTENT_TYPE_LATEST, CollectorRegistry, Counter, 
 REQUESTS = Counter("cds_requests_total", "CDS Hooks requests by service and HTTP status",
                    ["service", "status"])
 LATENCY = Histogram("cds_request_duration_seconds", "Hook request duration (server side)",
-                    ["service"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
+                    ["service", "status"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 CARDS_ISSUED = Counter("cds_cards_issued_total", "Cards returned, by card kind", ["kind"])
 FHIR_CALLS = Counter("cds_fhir_fallback_calls_total", "FHIR server requests made for missing prefetch")
 FHIR_FAILURES = Counter("cds_fhir_fallback_failures_total",

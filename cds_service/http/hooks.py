@@ -94,7 +94,7 @@ def call_service(service_id: str) -> Response:
     finally:
         elapsed = time.perf_counter() - started
         metrics.REQUESTS.labels(service_id, str(status)).inc()
-        metrics.LATENCY.labels(service_id).observe(elapsed)
+        metrics.LATENCY.labels(service_id, str(status)).observe(elapsed)
         log.info("hook", extra={"event": "hook", "service": service_id, "status": status,
                                 "hook_instance": g.get("hook_instance"),
                                 "duration_ms": round(elapsed * 1000, 2), **g.get("log_counts", {})})

@@ -54,6 +54,9 @@ def test_docker_start_command_serves_health_discovery_and_metrics(server):
     match = re.search(r'^cds_requests_total\{service="b12-neck-pain-patient-view",status="400"\} (\S+)$',
                       text, re.MULTILINE)
     assert match and float(match.group(1)) == 60.0
+    latency = re.search(r'^cds_request_duration_seconds_count\{service="b12-neck-pain-patient-view",status="400"\} (\S+)$',
+                        text, re.MULTILINE)
+    assert latency and float(latency.group(1)) == 60.0
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
 
