@@ -21,7 +21,6 @@ Routes (all demo-only):
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from datetime import date, datetime, timezone
@@ -33,6 +32,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 from flask import Blueprint, Response, request, send_from_directory
 
 from cds_service.app import services
+from cds_service.demo_data import demo_resources, load_catalog
 from cds_service.http.errors import json_response
 from cds_service.protocol import CdsError, bad_request
 from cds_service.record import PREFETCH_KEYS
@@ -91,22 +91,10 @@ def _today() -> date:
     return datetime.now(timezone.utc).date()
 
 
-def _demo_data() -> Any:
-    from cds_service import demo_data  # the clinical engineer's synthetic patients
-
-    return demo_data
-
-
 @lru_cache(maxsize=1)
-def _catalog_from(path: str) -> tuple[dict[str, Any], ...]:
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
-    entries = raw.get("patients", raw) if isinstance(raw, dict) else raw
-    return tuple(e for e in entries if isinstance(e, dict) and isinstance(e.get("patientId"), str))
-
-
 def catalog() -> tuple[dict[str, Any], ...]:
     """`demo_data/catalog.json`: [{"patientId", "name", "description", "expected"}, ...]."""
-    return _catalog_from(str(Path(_demo_data().__file__).resolve().parent / "catalog.json"))
+    return tuple(load_catalog())
 
 
 def _catalog_entry(patient_id: str) -> dict[str, Any]:
@@ -118,7 +106,7 @@ def _catalog_entry(patient_id: str) -> dict[str, Any]:
 
 def patient_resources(patient_id: str) -> list[dict[str, Any]]:
     _catalog_entry(patient_id)
-    return [r for r in _demo_data().demo_resources(patient_id, _today()) if isinstance(r, dict)]
+    return demo_resources(patient_id, _today())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,30 +139,10 @@ def _status_code(concept: Any) -> str:
     return str(codings[0].get("code", "")) if codings else ""
 
 
-def _valueset_file_codes(name: str) -> list[tuple[str, str]]:
-    path = Path(services().settings.valuesets_dir) / f"{name}.json"
-    try:
-        vs = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return []
-    codes = [(inc.get("system", ""), c.get("code", ""))
-             for inc in (vs.get("compose") or {}).get("include") or []
-             for c in inc.get("concept") or []]
-    codes += [(c.get("system", ""), c.get("code", "")) for c in (vs.get("expansion") or {}).get("contains") or []]
-    return [(s, c) for s, c in codes if c]
-
-
 def lab_codes() -> set[tuple[str, str]]:
-    """The B12 and MMA test codes (the engine's value sets; the ValueSet files as a fallback)."""
-    codes: set[tuple[str, str]] = set()
+    """The B12 and MMA test codes, from the engine's value sets."""
     engine = services().engine
-    for name in LAB_VALUESETS:
-        try:
-            found = list(engine.valueset_codes(name))
-        except Exception:  # noqa: BLE001 - display helper: fall back to the files
-            found = []
-        codes.update(found or _valueset_file_codes(name))
-    return codes
+    return {code for name in LAB_VALUESETS for code in engine.valueset_codes(name)}
 
 
 def _matches(concept: Any, codes: set[tuple[str, str]]) -> bool:
