@@ -63,12 +63,24 @@ NEGATIVE_ANSWERS = frozenset({"no", "absent", "negative", "none", "false", "not 
 B12_TO_NG_L = {"pg/ml": 1.0, "ng/l": 1.0, "pmol/l": 1.355}
 LOINC_DEFAULT_UNIT = {"2132-9": "pg/ml", "14685-2": "pmol/l"}
 
-_NO_MATCH: Mapping[str, str] = MappingProxyType({})
+_NO_MATCH: Mapping[str, Match] = MappingProxyType({})
 """Shared read-only 'nothing matched' (avoids allocating a dict per coded element)."""
 _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 
 # --- fact records -----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Match:
+    """How one coded element (or medication text) matched a value set."""
+
+    label: str
+    """Text from the record (concept text, else the coding's display), else the value set's display."""
+    system: str | None = None
+    """The matching coding's system; None for a match by text (ingredient name)."""
+    code: str | None = None
+    """The matching coding's code as sent; None for a match by text."""
+
 
 @dataclass(frozen=True)
 class Evidence:
@@ -79,6 +91,16 @@ class Evidence:
     resource_type: str
     resource_id: str | None
     on: date | None = None
+    system: str | None = None
+    """System of the coding that matched (None: matched by text, or derived like age)."""
+    code: str | None = None
+    """Code that matched, as the record sent it."""
+
+    @classmethod
+    def of(cls, valueset: str, match: Match, resource_type: str, resource_id: str | None,
+           on: date | None = None) -> "Evidence":
+        """Evidence from a value-set `match` in a record entry."""
+        return cls(valueset, match.label, resource_type, resource_id, on, match.system, match.code)
 
     @property
     def reference(self) -> str | None:
@@ -127,6 +149,8 @@ class PatientFacts:
     pending_orders: tuple[Evidence, ...]
     unavailable: frozenset[str] = frozenset()
     skipped_resources: int = 0
+    skipped_references: tuple[str, ...] = ()
+    """"Type/id" of each matched record entry skipped as invalid FHIR R4 (no content)."""
 
     def risk(self, key: str) -> RiskFactor | None:
         return next((r for r in self.risk_factors if r.key == key), None)
@@ -195,10 +219,12 @@ def _first_date(resource: dict[str, Any], *paths: str) -> date | None:
 # --- validation -------------------------------------------------------------------------------
 
 class _Validator:
-    """Validates each matched resource at most once per call; counts the failures."""
+    """Validates each matched resource at most once per call; counts the failures and keeps
+    their references (type/id, never content) so `evaluate` can say which entries were skipped."""
 
     def __init__(self, verdicts: ValidationVerdicts | None = None) -> None:
         self.skipped = 0
+        self.skipped_refs: list[str] = []
         self._seen: dict[int, bool] = {}
         self._verdicts = verdicts
 
@@ -208,13 +234,15 @@ class _Validator:
             self._seen[key] = valid = is_valid_r4b(resource, expected_type, self._verdicts)
             if not valid:
                 self.skipped += 1
+                rid = resource.get("id")
+                self.skipped_refs.append(f"{expected_type}/{rid}" if type(rid) is str else expected_type)
         return self._seen[key]
 
 
 # --- matching ---------------------------------------------------------------------------------
 
-def _match_concept(knowledge: Knowledge, concept: Any) -> Mapping[str, str]:
-    """Value-set name -> label for every set a CodeableConcept's codings fall in.
+def _match_concept(knowledge: Knowledge, concept: Any) -> Mapping[str, Match]:
+    """Value-set name -> `Match` for every set a CodeableConcept's codings fall in.
 
     This runs for every coded element of every resource, so it is written for speed: exact type
     checks, no helper calls on the common no-match path."""
@@ -223,7 +251,7 @@ def _match_concept(knowledge: Knowledge, concept: Any) -> Mapping[str, str]:
     codings = concept.get("coding")
     if type(codings) is not list:
         return _NO_MATCH
-    found: dict[str, str] | None = None
+    found: dict[str, Match] | None = None
     for coding in codings:
         if type(coding) is not dict:
             continue
@@ -236,12 +264,12 @@ def _match_concept(knowledge: Knowledge, concept: Any) -> Mapping[str, str]:
             found = {}
         for name in names:
             if name not in found:
-                found[name] = (text or _s(coding.get("display"))
-                               or knowledge.display(name, system, code.strip()) or code)
+                found[name] = Match(text or _s(coding.get("display"))
+                                    or knowledge.display(name, system, code.strip()) or code, system, code)
     return found if found is not None else _NO_MATCH
 
 
-def _match_medication(knowledge: Knowledge, resource: dict[str, Any]) -> dict[str, str]:
+def _match_medication(knowledge: Knowledge, resource: dict[str, Any]) -> dict[str, Match]:
     """Medication value sets of a MedicationRequest/Statement: by code, else by ingredient name
     in the concept text, coding displays or medicationReference.display."""
     concept = resource.get("medicationCodeableConcept")
@@ -253,7 +281,7 @@ def _match_medication(knowledge: Knowledge, resource: dict[str, Any]) -> dict[st
     for text in dict.fromkeys(texts):  # text and display are often the same string
         if text:
             for name in knowledge.match_text(text):
-                found.setdefault(name, text)
+                found.setdefault(name, Match(text))
     return found
 
 
@@ -341,6 +369,7 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
         pending_orders=col.get("pending-order"),
         unavailable=frozenset(record.unavailable),
         skipped_resources=validator.skipped,
+        skipped_references=tuple(validator.skipped_refs),
     )
 
 
@@ -366,8 +395,8 @@ def _conditions(resources: Iterable[Any], knowledge: Knowledge, validator: _Vali
             continue
         onset = _first_date(res, "onsetDateTime", "onsetPeriod.start") or _first_date(res, "recordedDate")
         rid = _s(res.get("id"))
-        for name, label in matched.items():
-            col.add(name, Evidence(name, label, "Condition", rid, onset))
+        for name, match in matched.items():
+            col.add(name, Evidence.of(name, match, "Condition", rid, onset))
         if "neck-pain" in matched and onset:
             col.onsets.append(onset)
 
@@ -396,14 +425,14 @@ def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
         findings = {k: v for k, v in by_code.items() if k in FINDING_SETS}
         if findings and _is_negative_answer(res):
             findings = {}
-        for name, label in _match_concept(knowledge, value_cc).items():
+        for name, match in _match_concept(knowledge, value_cc).items():
             if name in FINDING_SETS:
-                findings.setdefault(name, label)
+                findings.setdefault(name, match)
         if not findings or not validator.ok(res, "Observation"):
             continue
         on = _first_date(res, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
-        for name, label in findings.items():
-            col.add(name, Evidence(name, label, "Observation", _s(res.get("id")), on))
+        for name, match in findings.items():
+            col.add(name, Evidence.of(name, match, "Observation", _s(res.get("id")), on))
     return b12, mma
 
 
@@ -446,8 +475,8 @@ def _medications(resources: Iterable[Any], rtype: str, knowledge: Knowledge, val
         if not matched or not validator.ok(res, rtype):
             continue
         on = _first_date(res, "authoredOn", "effectiveDateTime", "effectivePeriod.start", "dateAsserted")
-        for name, label in matched.items():
-            col.add(name, Evidence(name, label, rtype, _s(res.get("id")), on))
+        for name, match in matched.items():
+            col.add(name, Evidence.of(name, match, rtype, _s(res.get("id")), on))
 
 
 def _procedures(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
@@ -455,14 +484,14 @@ def _procedures(resources: Iterable[Any], knowledge: Knowledge, validator: _Vali
     for res in _dicts(resources):
         if res.get("status") != "completed":
             continue
-        label = _match_concept(knowledge, res.get("code")).get(SURGERY_SET)
-        if label is None or not validator.ok(res, "Procedure"):
+        match = _match_concept(knowledge, res.get("code")).get(SURGERY_SET)
+        if match is None or not validator.ok(res, "Procedure"):
             continue
         on = _first_date(res, "performedDateTime", "performedPeriod.start")
-        col.add(SURGERY_SET, Evidence(SURGERY_SET, label, "Procedure", _s(res.get("id")), on))
+        col.add(SURGERY_SET, Evidence.of(SURGERY_SET, match, "Procedure", _s(res.get("id")), on))
 
 
-def _lab_order(knowledge: Knowledge, res: dict[str, Any]) -> str | None:
+def _lab_order(knowledge: Knowledge, res: dict[str, Any]) -> Match | None:
     matched = _match_concept(knowledge, res.get("code"))
     return next((matched[k] for k in ("b12-lab", "mma-lab") if k in matched), None)
 
@@ -472,11 +501,11 @@ def _service_requests(resources: Iterable[Any], knowledge: Knowledge, validator:
     for res in _dicts(resources):
         if _s(res.get("status")) not in PENDING_ORDER:
             continue
-        label = _lab_order(knowledge, res)
-        if label is None or not validator.ok(res, "ServiceRequest"):
+        match = _lab_order(knowledge, res)
+        if match is None or not validator.ok(res, "ServiceRequest"):
             continue
         on = _first_date(res, "authoredOn", "occurrenceDateTime")
-        col.add("pending-order", Evidence("pending-order", label, "ServiceRequest", _s(res.get("id")), on))
+        col.add("pending-order", Evidence.of("pending-order", match, "ServiceRequest", _s(res.get("id")), on))
 
 
 def _draft_orders(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
@@ -490,10 +519,10 @@ def _draft_orders(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
             continue
         rtype = res.get("resourceType")
         if rtype == "ServiceRequest":
-            label = _lab_order(knowledge, res)
-            if label is not None and validator.ok(res, rtype):
-                col.add("pending-order", Evidence("pending-order", label, rtype, _s(res.get("id"))))
+            match = _lab_order(knowledge, res)
+            if match is not None and validator.ok(res, rtype):
+                col.add("pending-order", Evidence.of("pending-order", match, rtype, _s(res.get("id"))))
         elif rtype == "MedicationRequest":
-            label = _match_medication(knowledge, res).get("b12-replacement")
-            if label is not None and validator.ok(res, rtype):
-                col.add("b12-replacement", Evidence("b12-replacement", label, rtype, _s(res.get("id"))))
+            match = _match_medication(knowledge, res).get("b12-replacement")
+            if match is not None and validator.ok(res, rtype):
+                col.add("b12-replacement", Evidence.of("b12-replacement", match, rtype, _s(res.get("id"))))

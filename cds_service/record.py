@@ -41,6 +41,9 @@ class PatientRecord:
     medication_statements: tuple[Resource, ...] = ()
     procedures: tuple[Resource, ...] = ()
     service_requests: tuple[Resource, ...] = ()
+    medications: tuple[Resource, ...] = ()
+    """Medication resources (e.g. `_include`d by a MedicationRequest search) that a
+    `medicationReference` may point to."""
     draft_orders: tuple[Resource, ...] = ()
     """Resources from `context.draftOrders` (order-select / order-sign)."""
     unavailable: frozenset[str] = field(default_factory=frozenset)
@@ -81,6 +84,7 @@ class PatientRecord:
             medication_statements=tuple(groups.get("MedicationStatement", ())),
             procedures=tuple(groups.get("Procedure", ())),
             service_requests=tuple(groups.get("ServiceRequest", ())),
+            medications=tuple(groups.get("Medication", ())),
             draft_orders=tuple(r for r in draft_orders if isinstance(r, dict)),
             unavailable=unavailable,
         )

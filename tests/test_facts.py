@@ -416,3 +416,31 @@ def test_validation_verdicts_are_bounded():
     for i in range(5):
         verdicts.put(bytes([i]), True)
     assert verdicts.get(bytes([0])) is None and verdicts.get(bytes([4])) is True
+
+
+# --- evidence provenance (what `evaluate` explains) -------------------------------------------
+
+def test_evidence_names_the_coding_that_matched(derive) -> None:
+    """The record entry, system and code behind a fact are kept, not only its label."""
+    np = condition("M54.2", ICD10CM, id="np-icd")
+    np["code"]["coding"].insert(0, {"system": "urn:oid:1.2.3.local", "code": "NECK1", "display": "Neck ache"})
+    facts = derive(np, metformin(id="met"))
+    [ev] = facts.neck_pain
+    assert (ev.reference, ev.system, ev.code) == ("Condition/np-icd", ICD10CM, "M54.2")
+    [risk] = facts.risk_factors
+    assert risk.evidence[0].reference == "MedicationRequest/met"
+    assert risk.evidence[0].code is not None
+
+
+def test_medication_matched_by_text_has_no_code(derive) -> None:
+    facts = derive(neck_pain(), medication_request(None, text="Metformin 500 mg tablets", id="txt"))
+    [ev] = facts.risk("metformin").evidence
+    assert (ev.system, ev.code, ev.label) == (None, None, "Metformin 500 mg tablets")
+
+
+def test_skipped_references_name_invalid_entries(derive) -> None:
+    bad = condition("81680005", id="broken")
+    bad["onsetDateTime"] = "not-a-date"
+    facts = derive(neck_pain(id="ok"), bad)
+    assert facts.skipped_resources == 1
+    assert facts.skipped_references == ("Condition/broken",)

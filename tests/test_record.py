@@ -19,6 +19,16 @@ def test_groups_by_type_and_drops_duplicates():
     assert record.draft_orders == ({"resourceType": "ServiceRequest"},)
 
 
+def test_medication_resources_are_kept_for_references():
+    """`_include`d Medication resources are what a `medicationReference` points to."""
+    record = PatientRecord.from_resources([
+        {"resourceType": "MedicationRequest", "id": "mr", "medicationReference": {"reference": "Medication/m1"}},
+        {"resourceType": "Medication", "id": "m1"},
+    ])
+    assert [m["id"] for m in record.medications] == ["m1"]
+    assert [m["id"] for m in record.medication_requests] == ["mr"]
+
+
 def test_malformed_types_are_skipped_not_fatal():
     record = PatientRecord.from_resources([
         {"resourceType": ["Condition"], "id": "x"}, {"resourceType": {"a": 1}, "id": ["y"]},
