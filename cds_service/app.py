@@ -5,37 +5,12 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from flask import Flask
 
 from cds_service.config import Settings
-
-if TYPE_CHECKING:  # the real imports happen in create_app, after settings and logging
-    from cds_service.engine import ClinicalEngine
-    from cds_service.patient_data import PatientDataGatherer
-    from cds_service.security import RequestVerifier
-    from cds_service.store import Store
-
-
-@dataclass
-class Services:
-    """Long-lived objects shared by all requests of one app (one per worker process)."""
-
-    settings: Settings
-    engine: ClinicalEngine
-    store: Store
-    verifier: RequestVerifier
-    patient_data: PatientDataGatherer
-
-
-def services(app: Flask | None = None) -> Services:
-    """The `Services` of the current (or given) app."""
-    from flask import current_app
-
-    return (app or current_app).extensions["cds"]
-
+from cds_service.services import EXTENSION_KEY, Services, services  # noqa: F401 (services: re-exported)
 
 GC_THRESHOLDS = (50_000, 20, 100)
 """Young-generation threshold far above CPython's 700: a hook call allocates tens of thousands of
@@ -73,7 +48,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.json.sort_keys = False
 
     store = Store.open(settings)
-    app.extensions["cds"] = Services(
+    app.extensions[EXTENSION_KEY] = Services(
         settings=settings,
         engine=ClinicalEngine.load(settings),
         store=store,

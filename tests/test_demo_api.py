@@ -15,7 +15,7 @@ import pytest
 from flask import Flask
 from flask.testing import FlaskClient
 
-from cds_service.app import services
+from cds_service.services import services
 from cds_service.demo_data import demo_resources, load_catalog
 from cds_service.http.demo import answer_query
 from cds_service.record import PREFETCH_KEYS

@@ -8,7 +8,7 @@ import json
 import pytest
 
 from cds_service import cli
-from cds_service.app import services
+from cds_service.services import services
 from cds_service.store import IssuedCard
 
 SVC = "b12-neck-pain-patient-view"

@@ -31,7 +31,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 from flask import Blueprint, Response, request, send_from_directory
 
-from cds_service.app import services
+from cds_service.services import services
 from cds_service.demo_data import demo_resources, load_catalog
 from cds_service.http.errors import json_response
 from cds_service.protocol import CdsError, bad_request

@@ -14,7 +14,7 @@ from typing import Any
 
 from flask import Blueprint, Response, request
 
-from cds_service.app import services
+from cds_service.services import services
 from cds_service.http.errors import json_response
 from cds_service.http.hooks import read_json_body, service_definitions
 from cds_service.logs import get_logger

@@ -18,7 +18,7 @@ import orjson
 from flask import Blueprint, Request, Response, g, request
 
 from cds_service import metrics
-from cds_service.app import services
+from cds_service.services import services
 from cds_service.http.errors import json_response
 from cds_service.logs import get_logger
 from cds_service.engine import Evaluation

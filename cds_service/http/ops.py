@@ -9,7 +9,7 @@ from pathlib import Path
 from flask import Blueprint, Response
 
 from cds_service import metrics
-from cds_service.app import services
+from cds_service.services import services
 from cds_service.http.errors import json_response
 
 blueprint = Blueprint("ops", __name__)
