@@ -10,11 +10,16 @@ EHR sent it, and fetches the rest from `fhirServer`:
 - an absent key, or a value that is an OperationOutcome (or a Bundle holding only
   OperationOutcomes), is fetched from `fhirServer` with `Authorization: Bearer <access_token>`.
 
-Outbound safety: calls go only to a `fhirServer` on `CDS_FHIR_ALLOWLIST` (URL prefixes, compared
-as scheme + host + port + path segments, so `https://ok.example@evil.example` does not pass);
+Outbound safety: every URL the token is sent to (`fhirServer`, each query, each `next` link) is
+first put in one normal form (`fhir_url.normalise`: RFC 3986 dot segments removed, unreserved
+characters decoded; control characters, backslashes, encoded slashes or dots, userinfo rejected)
+and that form is what is checked and what is sent (`requests` must prepare exactly it).  Calls go
+only to a `fhirServer` under `CDS_FHIR_ALLOWLIST` (scheme + host + port + path segments);
 redirects are never followed; bodies are read streaming and capped at `fhir_max_response_bytes`;
 `next` links must stay under `fhirServer`; the token goes nowhere else.  All fetches of one call
-run concurrently and share one deadline (`fhir_deadline`).  Whatever goes wrong on the wire
+run concurrently, one thread per key, and share one deadline (`fhir_deadline`) that bounds every
+read: at the deadline the late requests' sockets are shut down and their threads joined
+(`deadline_http`), so nothing a call started outlives it.  Whatever goes wrong on the wire
 (non-2xx, HTML, truncated JSON, a non-Bundle search answer, a timeout) makes that key
 unavailable; it never raises out of `gather()`.  Only a missing Patient or Conditions (or a
 missing key with a `fhirServer` we may not call) is fatal: `CdsError(412)` naming the keys.
@@ -32,16 +37,16 @@ import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Any
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 import orjson
 import requests
-from requests.adapters import HTTPAdapter
 
+from cds_service import fhir_url
 from cds_service.config import Settings
+from cds_service.deadline_http import JOIN_GRACE_SECONDS, AbortableAdapter, CallAbort
 from cds_service.logs import get_logger
 from cds_service.protocol import CdsError, HookRequest
 from cds_service.record import PREFETCH_KEYS, REQUIRED_KEYS, PatientRecord, Resource
@@ -182,33 +187,23 @@ class _FetchFailed(Exception):
 # ---------------------------------------------------------------------------------------------
 
 
-def _url_parts(url: str) -> tuple[str, str, int, str] | None:
-    """(scheme, host, port, path) of an absolute http(s) URL without userinfo; None otherwise."""
-    try:
-        parts = urlsplit(url.strip())
-        port = parts.port
-    except ValueError:
-        return None
-    if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
-        return None
-    if "@" in parts.netloc or "\\" in url:
-        return None
-    scheme = parts.scheme.lower()
-    return scheme, parts.hostname.lower(), port or (443 if scheme == "https" else 80), parts.path
-
-
-def _under(url: str, base: str) -> bool:
-    """True when `url` is `base` or below it (same scheme/host/port, path on a segment boundary)."""
-    u, b = _url_parts(url), _url_parts(base)
-    if u is None or b is None or u[:3] != b[:3]:
-        return False
-    base_path = b[3].rstrip("/")
-    return u[3] == base_path or u[3].startswith(base_path + "/") or (not base_path and u[3] in ("", "/"))
-
-
 def url_allowed(url: str, prefixes: Iterable[str]) -> bool:
-    """Whether `url` lies under one of the allowlisted URL `prefixes`."""
-    return any(_under(url, p) for p in prefixes)
+    """Whether `url`, once normalised (`fhir_url.normalise`), lies under one of `prefixes`."""
+    try:
+        return fhir_url.allowed(fhir_url.normalise(url), fhir_url.normalise_allowlist(prefixes))
+    except (fhir_url.UnsafeUrl, ValueError):
+        return False
+
+
+def _checked_next(link: str, base: fhir_url.FhirUrl) -> fhir_url.FhirUrl:
+    """A `next` link in normal form, under `base`; `_FetchFailed` naming why not (no URL)."""
+    try:
+        nxt = fhir_url.normalise(link)
+    except fhir_url.UnsafeUrl as err:
+        raise _FetchFailed(f"next link rejected ({err.reason})") from None
+    if not nxt.is_under(base):
+        raise _FetchFailed("next link outside fhirServer")
+    return nxt
 
 
 # ---------------------------------------------------------------------------------------------
@@ -310,13 +305,16 @@ class PatientDataGatherer:
         self.session.trust_env = False  # no proxies or ~/.netrc credentials from the environment
         self.session.max_redirects = 0
         self.session.cookies.set_policy(_NoCookies())
-        adapter = HTTPAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
+        # Every request of a hook call can be cut off at its deadline (deadline_http).
+        adapter = AbortableAdapter(pool_connections=8, pool_maxsize=32, max_retries=0)
         self.session.mount("http://", adapter)
         self.session.mount("https://", adapter)
         self.session.headers.update({"Accept": FHIR_JSON, "Accept-Encoding": "gzip, deflate",
                                      "User-Agent": "b12-neck-cds"})
         self._templates: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
+        # Normalised once: a bad entry is a configuration error at start, not a silent no-match.
+        self.allowlist = fhir_url.normalise_allowlist(settings.fhir_allowlist_prefixes)
 
     def close(self) -> None:
         self.session.close()
@@ -344,7 +342,14 @@ class PatientDataGatherer:
         deadline = started + max(0.0, self.settings.fhir_deadline)
         patient_id = request.context.patient_id
         server = request.fhir_server
-        server_ok = bool(server) and url_allowed(server, self.settings.fhir_allowlist_prefixes)
+        server_url: fhir_url.FhirUrl | None = None
+        server_problem = "not on this service's allowlist (CDS_FHIR_ALLOWLIST)"
+        if server:
+            try:
+                server_url = fhir_url.normalise(server)
+            except fhir_url.UnsafeUrl as err:
+                server_problem = f"not a usable URL ({err.reason})"
+        server_ok = server_url is not None and fhir_url.allowed(server_url, self.allowlist)
 
         data: dict[str, _KeyData] = {}
         to_fetch: list[str] = []
@@ -361,8 +366,11 @@ class PatientDataGatherer:
             if value.get("resourceType") == "Bundle":
                 _accept(_bundle_resources(value), patient_id, kd)
                 nxt = _next_link(value)
-                if nxt and server_ok and _under(nxt, server or ""):
-                    to_continue[key] = nxt
+                if nxt and server_ok:
+                    try:
+                        to_continue[key] = _checked_next(nxt, server_url)  # type: ignore[arg-type]
+                    except _FetchFailed as err:  # the token goes nowhere but under fhirServer
+                        kd.ok, kd.reason = False, str(err)
             else:
                 _accept([value], patient_id, kd)
                 if not kd.resources:  # a single resource of another patient or unknown type
@@ -373,12 +381,13 @@ class PatientDataGatherer:
         if to_fetch and server and not server_ok:
             log.warning("fhir_server_not_allowed", extra={
                 "event": "fhir_server_not_allowed", "hook_instance": request.hook_instance,
-                "keys_failed": to_fetch})
-            raise CdsError(412, "fhirServer is not on this service's allowlist (CDS_FHIR_ALLOWLIST) "
+                "keys_failed": to_fetch, "reason": server_problem})
+            raise CdsError(412, f"fhirServer is {server_problem} "
                                 f"and these prefetch keys are missing: {', '.join(to_fetch)}")
 
         if server_ok and (to_fetch or to_continue):
-            self._fetch_all(request, templates, to_fetch, to_continue, data, deadline)
+            self._fetch_all(request, server_url, templates, to_fetch, to_continue,  # type: ignore[arg-type]
+                            data, deadline)
         for key in to_fetch:
             data.setdefault(key, _KeyData(ok=False, reason="no fhirServer"))
 
@@ -417,23 +426,31 @@ class PatientDataGatherer:
 
     # -- fetching -------------------------------------------------------------------------------
 
-    def _fetch_all(self, request: HookRequest, templates: Mapping[str, str], to_fetch: list[str],
-                   to_continue: dict[str, str], data: dict[str, _KeyData], deadline: float) -> None:
-        """Run every key's fetch concurrently; keys unfinished at the deadline are failures."""
-        base = (request.fhir_server or "").rstrip("/")
+    def _fetch_all(self, request: HookRequest, server: fhir_url.FhirUrl, templates: Mapping[str, str],
+                   to_fetch: list[str], to_continue: dict[str, fhir_url.FhirUrl],
+                   data: dict[str, _KeyData], deadline: float) -> None:
+        """Run every key's fetch concurrently, one thread per key; keys unfinished at the deadline
+        are failures.  At the deadline the threads' sockets are shut down and the threads joined:
+        nothing started here outlives the call (see `deadline_http`)."""
         headers = {}
         if request.fhir_authorization is not None:
             headers["Authorization"] = f"Bearer {request.fhir_authorization.access_token}"
         tokens = request.context.token_values()
         patient_id = request.context.patient_id
-        cancel = threading.Event()
 
-        jobs: dict[str, tuple[str, bool]] = {}  # key -> (first URL, is an instance read)
+        jobs: dict[str, tuple[fhir_url.FhirUrl, bool]] = {}  # key -> (first URL, is an instance read)
         for key in to_fetch:
             try:
-                url = f"{base}/{render_template(templates[key], tokens).lstrip('/')}"
+                rendered = render_template(templates[key], tokens)
+                url = fhir_url.normalise(f"{server.base}/{rendered.lstrip('/')}")
             except TemplateError as err:
                 data[key] = _KeyData(ok=False, reason=str(err))
+                continue
+            except fhir_url.UnsafeUrl as err:
+                data[key] = _KeyData(ok=False, reason=f"query URL rejected ({err.reason})")
+                continue
+            if not url.is_under(server):  # e.g. a patient id of ".." resolved away
+                data[key] = _KeyData(ok=False, reason="query URL outside fhirServer")
                 continue
             jobs[key] = (url, "?" not in templates[key])
         for key, nxt in to_continue.items():
@@ -441,26 +458,33 @@ class PatientDataGatherer:
         if not jobs:
             return
 
-        pool = ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="fhir-fetch")
-        running: dict[str, tuple[Future[None], _KeyData]] = {}
+        call = CallAbort()
+        running: dict[str, tuple[threading.Thread, _KeyData]] = {}
         try:
             for key, (url, is_read) in jobs.items():
                 kd = _KeyData(fetched=key in to_fetch)
-                fut = pool.submit(self._fetch_key, url, base, headers, patient_id, is_read, kd,
-                                  deadline, cancel)
-                running[key] = (fut, kd)
-            pending = {fut for fut, _ in running.values()}
-            while pending:
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    break
-                _done, pending = wait(pending, timeout=remaining, return_when=FIRST_COMPLETED)
+                thread = threading.Thread(
+                    target=self._fetch_key, name=f"fhir-fetch-{key}", daemon=True,
+                    args=(url, server, headers, patient_id, is_read, kd, deadline, call))
+                running[key] = (thread, kd)
+                thread.start()
+            for thread, _kd in running.values():
+                thread.join(max(0.0, deadline - time.monotonic()))
         finally:
-            cancel.set()  # workers still running stop at their next check; nobody waits for them
-            pool.shutdown(wait=False, cancel_futures=True)
+            late = {key for key, (thread, _kd) in running.items() if thread.is_alive()}
+            if late:
+                call.abort()  # shut their sockets down: blocked reads return at once
+                grace_end = time.monotonic() + JOIN_GRACE_SECONDS
+                for key in late:
+                    running[key][0].join(max(0.0, grace_end - time.monotonic()))
+                stragglers = sum(running[key][0].is_alive() for key in late)
+                if stragglers:
+                    log.warning("fhir_fetch_straggler", extra={
+                        "event": "fhir_fetch_straggler", "hook_instance": request.hook_instance,
+                        "count": stragglers})
 
-        for key, (fut, kd) in running.items():
-            if not fut.done():  # the worker may still write to `kd`: use none of its data
+        for key, (_thread, kd) in running.items():
+            if key in late:  # cut off at the deadline: use none of its data
                 kd = _KeyData(fetched=kd.fetched, calls=kd.calls, ok=False, reason="deadline")
             if key in to_continue:  # further pages of a prefetched Bundle: add to its first page
                 first = data[key]
@@ -472,30 +496,30 @@ class PatientDataGatherer:
             else:
                 data[key] = kd
 
-    def _fetch_key(self, url: str, base: str, headers: dict[str, str], patient_id: str,
-                   is_read: bool, kd: _KeyData, deadline: float, cancel: threading.Event) -> None:
+    def _fetch_key(self, url: fhir_url.FhirUrl, base: fhir_url.FhirUrl, headers: dict[str, str],
+                   patient_id: str, is_read: bool, kd: _KeyData, deadline: float,
+                   call: CallAbort) -> None:
         """Fetch one key (a read, or a search with its `next` pages) into `kd`; never raises."""
         seen: set[str] = set()
         pages = 0
+        call.attach()
         try:
-            while url:
-                if url in seen:
+            next_url: fhir_url.FhirUrl | None = url
+            while next_url is not None:
+                if next_url.text in seen:
                     log.warning("fhir_next_loop", extra={"event": "fhir_next_loop", "count": pages})
                     return
                 if pages >= max(1, self.settings.fhir_max_pages):
                     kd.ok, kd.reason = False, "page limit"
                     return
-                seen.add(url)
+                seen.add(next_url.text)
                 pages += 1
-                body = self._get_json(url, headers, kd, deadline, cancel)
+                body = self._get_json(next_url, headers, kd, deadline, call)
                 rtype = body.get("resourceType") if isinstance(body, dict) else None
                 if rtype == "Bundle":
                     _accept(_bundle_resources(body), patient_id, kd)
-                    nxt = _next_link(body)
-                    if nxt and not _under(nxt, base):
-                        kd.ok, kd.reason = False, "next link outside fhirServer"
-                        return
-                    url = nxt or ""
+                    link = _next_link(body)
+                    next_url = _checked_next(link, base) if link else None
                 elif is_read and isinstance(body, dict) and rtype in KNOWN_RESOURCE_TYPES:
                     _accept([body], patient_id, kd)
                     if not kd.resources:
@@ -508,30 +532,40 @@ class PatientDataGatherer:
             kd.ok, kd.reason = False, str(err)
         except Exception as err:  # noqa: BLE001 - a fetch must never break the hook call
             kd.ok, kd.reason = False, f"error {type(err).__name__}"
+        finally:
+            call.detach()
 
-    def _get_json(self, url: str, headers: dict[str, str], kd: _KeyData, deadline: float,
-                  cancel: threading.Event) -> Any:
-        """GET `url` and parse the JSON body; one retry on 429/503 within the deadline."""
+    def _get_json(self, url: fhir_url.FhirUrl, headers: dict[str, str], kd: _KeyData,
+                  deadline: float, call: CallAbort) -> Any:
+        """GET `url` (exactly its normal form) and parse the JSON body; one retry on 429/503
+        within the deadline."""
+        prepared = self.session.prepare_request(requests.Request("GET", url.text, headers=headers))
+        if prepared.url != url.text:  # requests/urllib3 would send something else: do not send
+            raise _FetchFailed("URL changed when prepared")
         for attempt in (1, 2):
             remaining = deadline - time.monotonic()
-            if remaining <= 0 or cancel.is_set():
+            if remaining <= 0 or call.aborted:
                 raise _FetchFailed("deadline")
             kd.calls += 1
             try:
-                resp = self.session.get(
-                    url, headers=headers, allow_redirects=False, stream=True,
+                resp = self.session.send(
+                    prepared, allow_redirects=False, stream=True,
                     timeout=(min(self.settings.fhir_connect_timeout, remaining),
                              min(self.settings.fhir_read_timeout, remaining)))
             except requests.Timeout:
+                call.release_thread()
                 raise _FetchFailed("timeout") from None
             except requests.RequestException as err:
+                call.release_thread()
                 raise _FetchFailed(f"connection {type(err).__name__}") from None
             try:
                 if resp.status_code in _RETRY_STATUSES and attempt == 1:
                     delay = _retry_after(resp.headers.get("Retry-After"))
                     if time.monotonic() + delay >= deadline:
                         raise _FetchFailed(f"http {resp.status_code}, retry after the deadline")
-                    if cancel.wait(delay):
+                    call.release_thread()
+                    resp.close()
+                    if call.sleep(delay):  # ends before the deadline, or at an abort
                         raise _FetchFailed("deadline")
                     continue
                 if not 200 <= resp.status_code < 300:
@@ -539,8 +573,9 @@ class PatientDataGatherer:
                 ctype = resp.headers.get("Content-Type", "").lower()
                 if "json" not in ctype and ctype:
                     raise _FetchFailed(f"content type {ctype.split(';')[0][:40]}")
-                raw = self._read_capped(resp, deadline, cancel)
+                raw = self._read_capped(resp, deadline, call)
             finally:
+                call.release_thread()  # before the connection goes back to the pool
                 resp.close()
             try:
                 return orjson.loads(raw)
@@ -548,7 +583,7 @@ class PatientDataGatherer:
                 raise _FetchFailed("invalid JSON") from None
         raise _FetchFailed("retry failed")  # pragma: no cover - the loop always returns or raises
 
-    def _read_capped(self, resp: requests.Response, deadline: float, cancel: threading.Event) -> bytes:
+    def _read_capped(self, resp: requests.Response, deadline: float, call: CallAbort) -> bytes:
         """The (decoded) body, or `_FetchFailed` past the size cap or the deadline."""
         cap = self.settings.fhir_max_response_bytes
         declared = resp.headers.get("Content-Length", "")
@@ -561,11 +596,13 @@ class PatientDataGatherer:
                 size += len(chunk)
                 if size > cap:
                     raise _FetchFailed("response too large")
-                if cancel.is_set() or time.monotonic() > deadline:
+                if call.aborted or time.monotonic() > deadline:
                     raise _FetchFailed("deadline")
                 chunks.append(chunk)
         except requests.RequestException as err:
             raise _FetchFailed(f"read {type(err).__name__}") from None
+        if call.aborted:  # a shut-down socket reads as end of body: the body may be cut short
+            raise _FetchFailed("deadline")
         return b"".join(chunks)
 
 
