@@ -1,4 +1,4 @@
-"""`b12-cds` command line: serve | evaluate | seed | feedback-report.
+"""`b12-cds` command line: serve | evaluate | seed | feedback-report | audit.
 
 Each subcommand lives in `cds_service/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`.
@@ -15,6 +15,7 @@ COMMANDS = {
     "evaluate": ("evaluate", "run a hook against a FHIR server and print the cards"),
     "seed": ("seed", "load the synthetic demo patients into a FHIR server"),
     "feedback-report": ("feedback_report", "acceptance report of the cards issued"),
+    "audit": ("audit", "population dry run: every patient of a FHIR Bulk Data export through the engine"),
 }
 
 

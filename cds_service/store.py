@@ -465,7 +465,18 @@ class Store:
             "kinds": [kinds[k] for k in sorted(kinds)],
             "totals": totals,
             "unknown_card_feedback": {"entries": int(unknown_entries), "cards": int(unknown_cards)},
+            "issued_per_day": self.issued_per_day(since),
         }
+
+    def issued_per_day(self, since: date | None = None) -> list[dict[str, Any]]:
+        """Cards issued per UTC day and kind (`[{"day": "2026-01-01", "kind": ..., "issued": n}]`,
+        by day then kind), for the report's "cards per kind over time" chart."""
+        with self._transaction(write=False) as cur:
+            rows = cur.execute(
+                "SELECT substr(issued_at, 1, 10) AS day, kind, count(*) FROM issued_cards"
+                " WHERE issued_at >= ? GROUP BY substr(issued_at, 1, 10), kind ORDER BY 1, 2",
+                (since.isoformat() if since else "",)).fetchall()
+        return [{"day": day, "kind": kind, "issued": int(n)} for day, kind, n in rows]
 
     # ---------------------------------------------------------------------------------------
     # JWT replay cache

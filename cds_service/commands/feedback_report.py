@@ -1,4 +1,4 @@
-"""`b12-cds feedback-report [--since DATE] [--json]`: acceptance of the cards issued, per card kind.
+"""`b12-cds feedback-report [--since DATE] [--json] [--html FILE]`: acceptance of the cards issued, per card kind.
 
 Reads the store configured by the `CDS_*` environment (`CDS_DATA_DIR` or `CDS_DATABASE_URL`).
 """
@@ -9,6 +9,7 @@ import argparse
 import json
 import sys
 from datetime import date
+from pathlib import Path
 from typing import Any, TextIO
 
 from cds_service.config import Settings
@@ -19,14 +20,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--since", type=_date, metavar="YYYY-MM-DD",
                         help="only cards issued on or after this UTC date")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--html", type=Path, metavar="FILE", help="also write the report as an HTML page with charts")
 
 
 def run(args: argparse.Namespace) -> int:
-    store = Store.open(Settings.from_env())
+    settings = Settings.from_env()
+    store = Store.open(settings)
     try:
         report = store.feedback_report(args.since)
     finally:
         store.close()
+    if args.html:
+        from cds_service.reports.html import render_feedback_html
+
+        args.html.write_text(render_feedback_html(report, settings), encoding="utf-8")
     if args.json:
         json.dump(report, sys.stdout, indent=2)
         sys.stdout.write("\n")

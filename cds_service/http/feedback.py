@@ -59,14 +59,20 @@ def post_feedback(service_id: str) -> Response:
 
 @blueprint.get("/admin/feedback-report")
 def feedback_report() -> Response:
-    """The acceptance report as JSON (`?since=YYYY-MM-DD` limits it to cards issued since)."""
+    """The acceptance report (`?since=YYYY-MM-DD` limits it to cards issued since): JSON, or an
+    HTML page with charts when the client prefers text/html (a browser)."""
     s = services()
     s.verifier.verify(request)
     unknown = sorted(set(request.args) - {"since"})
     if unknown:
         raise bad_request("unknown query parameter; only 'since' is supported", unknown[0][:64])
     since = parse_since(request.args.get("since"))
-    return json_response(s.store.feedback_report(since))
+    report = s.store.feedback_report(since)
+    if request.accept_mimetypes.best_match(("application/json", "text/html")) == "text/html":
+        from cds_service.reports.html import render_feedback_html  # matplotlib: loaded only when asked
+
+        return Response(render_feedback_html(report, s.settings), mimetype="text/html")
+    return json_response(report)
 
 
 def parse_since(value: str | None) -> date | None:
