@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 COMMANDS = {
@@ -31,8 +32,28 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand.  A user error (`CliError`: unreachable server, bad file, ...) is one
+    line on stderr and exit status 1, never a traceback; so are Ctrl-C (130) and a reader that
+    went away (`b12-cds ... | head`)."""
+    from cds_service.commands.fhir_client import CliError
+
     args = build_parser().parse_args(argv)
-    return int(args._run(args) or 0)
+    try:
+        status = int(args._run(args) or 0)
+        sys.stdout.flush()
+        return status
+    except CliError as err:
+        print(f"b12-cds {args.command}: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"b12-cds {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # The reader closed the pipe (e.g. `| head`): stop quietly.  Point stdout at /dev/null so
+        # the interpreter's final flush does not raise again (Python docs, "Note on SIGPIPE").
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 141
 
 
 if __name__ == "__main__":

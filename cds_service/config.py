@@ -85,6 +85,9 @@ class Settings:
     # --- serving -----------------------------------------------------------------------------
     demo_mode: bool = False
     """Serve the demo EHR page at `/` and trust the built-in demo signing key."""
+    dev_mode: bool = False
+    """Development (`b12-cds serve --dev`, `b12-cds evaluate`): hook answers carry the explanation
+    of the decision (as in demo mode). Never in production: it holds patient data."""
     log_level: str = "INFO"
     workers: int = 2
     bind: str = "127.0.0.1:8080"

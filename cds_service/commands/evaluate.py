@@ -1,9 +1,11 @@
-"""`b12-cds evaluate`: run one hook against a FHIR server and print the cards.
+"""`b12-cds evaluate`: run one hook against a FHIR server, print the cards and why.
 
-The request is built as an EHR would send it, without prefetch, so the service fetches the
-patient's data from `--fhir-server` itself.  It runs through the real app in-process (the Flask
-test client POSTing to `/cds-services/<id>`) with JWT verification off and only that FHIR server
-allowlisted, and with a throwaway data directory.
+The request is built as an EHR would send it: by default without prefetch, so the service
+fetches the patient's data from `--fhir-server` itself; with `--prefetch`, with the prefetch an
+EHR builds from the discovery templates; `--compare` runs both and shows any difference.  It runs
+through the real app in-process (the Flask test client POSTing to `/cds-services/<id>`) in dev
+mode, so the answer carries the explanation (`cds_service.explain`), with JWT verification off,
+only that FHIR server allowlisted and a throwaway data directory.
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ import textwrap
 import uuid
 from pathlib import Path
 from typing import Any, TextIO
+
+import requests
+
+from cds_service.commands.fhir_client import CliError, checked_base_url, diagnose
 
 HOOKS = ("patient-view", "order-select", "order-sign")
 SERVICE_PREFIX = "b12-neck-pain-"
@@ -32,7 +38,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="context.userId (default: %(default)s)")
     parser.add_argument("--draft-orders", type=Path, metavar="FILE",
                         help="order-select/order-sign: JSON Bundle (or list) of draft orders; default none")
-    parser.add_argument("--json", action="store_true", help="print the service's JSON answer")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--prefetch", action="store_true",
+                      help="send a prefetch built as an EHR does: each discovery template rendered and "
+                           "queried on --fhir-server (default: no prefetch, the service fetches)")
+    mode.add_argument("--compare", action="store_true",
+                      help="run with the EHR-built prefetch and with FHIR fallback, show any difference")
+    parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
+                        help="seconds allowed for the FHIR requests of one run (default: %(default)s)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the service's JSON answer, with the explanation under \"explanation\"")
 
 
 def build_hook_request(*, hook: str, fhir_server: str, patient_id: str, user_id: str,
@@ -60,15 +75,80 @@ def build_hook_request(*, hook: str, fhir_server: str, patient_id: str, user_id:
     return body
 
 
+class InProcessService:
+    """The real app, in this process, in dev mode (the answer carries the explanation), with JWT
+    verification off, only `fhir_server` allowlisted and a throwaway data directory."""
+
+    def __init__(self, fhir_server: str, data_dir: str, timeout: float = 10.0) -> None:
+        from cds_service import create_app
+
+        self.app = create_app({"auth_disabled": True, "dev_mode": True, "fhir_allowlist": fhir_server,
+                               "data_dir": data_dir, "database_url": "", "demo_mode": False,
+                               "log_level": "ERROR", "fhir_deadline": timeout,
+                               "fhir_connect_timeout": min(timeout, 5.0), "fhir_read_timeout": timeout})
+        self.client = self.app.test_client()
+
+    def templates(self, hook: str) -> dict[str, str]:
+        """The prefetch templates discovery publishes for `hook`."""
+        services = self.client.get("/cds-services").get_json()["services"]
+        return next(s["prefetch"] for s in services if s["hook"] == hook)
+
+    def call(self, body: dict[str, Any]) -> tuple[int, Any]:
+        """POST `body` to the hook endpoint; (status, parsed JSON answer)."""
+        resp = self.client.post(f"/cds-services/{SERVICE_PREFIX}{body['hook']}", json=body)
+        return resp.status_code, resp.get_json(silent=True)
+
+    def close(self) -> None:
+        from cds_service.services import services
+
+        s = services(self.app)
+        s.patient_data.close()
+        s.store.close()
+
+
 def call_service(body: dict[str, Any], fhir_server: str, data_dir: str) -> tuple[int, Any]:
     """POST `body` to the hook endpoint of an in-process app; (status, parsed JSON answer)."""
-    from cds_service import create_app
+    service = InProcessService(fhir_server, data_dir)
+    try:
+        return service.call(body)
+    finally:
+        service.close()
 
-    app = create_app({"auth_disabled": True, "fhir_allowlist": fhir_server, "data_dir": data_dir,
-                      "database_url": "", "demo_mode": False, "log_level": "ERROR"})
-    with app.test_client() as client:
-        resp = client.post(f"/cds-services/{SERVICE_PREFIX}{body['hook']}", json=body)
-        return resp.status_code, resp.get_json(silent=True)
+
+def ehr_prefetch(fhir_server: str, templates: dict[str, str], body: dict[str, Any], *,
+                 token: str | None, timeout: float) -> tuple[dict[str, Any], dict[str, str]]:
+    """The prefetch an EHR would send: each template rendered with the request's context and
+    queried on `fhir_server`.  Returns (prefetch, {key: why it was left out}).
+
+    A read that answers 404 is sent as `null` ("no data"); any other failed query is left out,
+    as the CDS Hooks Sandbox does, so the service fetches that key itself.  A server that
+    cannot be reached at all is a `CliError`.
+    """
+    from cds_service.commands.fhir_client import HttpStatusError, get_json
+    from cds_service.patient_data import TemplateError, render_template
+    from cds_service.protocol import parse_hook_request
+
+    tokens = parse_hook_request(body, body["hook"]).context.token_values()
+    prefetch: dict[str, Any] = {}
+    left_out: dict[str, str] = {}
+    with requests.Session() as session:
+        session.trust_env = False
+        for key, template in templates.items():
+            try:
+                url = f"{fhir_server}/{render_template(template, tokens).lstrip('/')}"
+            except TemplateError as err:
+                left_out[key] = str(err)
+                continue
+            try:
+                prefetch[key] = get_json(session, url, token=token, timeout=timeout,
+                                         what=f"prefetch key {key!r}", base=fhir_server)
+            except HttpStatusError as err:
+                if err.status == 404 and "?" not in template:
+                    prefetch[key] = None
+                else:
+                    left_out[key] = str(err)
+            # Any other CliError (connection refused, DNS, TLS) propagates: nothing would work.
+    return prefetch, left_out
 
 
 def format_cards(answer: dict[str, Any], out: TextIO) -> None:
@@ -96,26 +176,216 @@ def format_cards(answer: dict[str, Any], out: TextIO) -> None:
 def _load_drafts(path: Path | None) -> list[dict[str, Any]]:
     if path is None:
         return []
-    raw = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CliError(f"--draft-orders: no such file: {path}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise CliError(f"--draft-orders: cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    except json.JSONDecodeError as err:
+        raise CliError(f"--draft-orders: {path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg})") from None
     if isinstance(raw, dict) and raw.get("resourceType") == "Bundle":
         return [e["resource"] for e in raw.get("entry", []) if isinstance(e, dict) and "resource" in e]
     if isinstance(raw, dict):
         return [raw]
-    return [r for r in raw if isinstance(r, dict)]
+    if isinstance(raw, list):
+        return [r for r in raw if isinstance(r, dict)]
+    raise CliError(f"--draft-orders: {path} holds neither a Bundle, a resource nor a list of resources")
+
+
+# --- the explanation, for a person ------------------------------------------------------------
+
+def _evidence_line(item: dict[str, Any]) -> str:
+    """One record entry behind a fact: reference, code and system, date, text."""
+    parts = [item.get("reference") or item.get("resource_type") or "?"]
+    if item.get("code"):
+        parts.append(f"code {item['code']}" + (f" ({item['system']})" if item.get("system") else ""))
+    elif item.get("resource_type"):
+        parts.append("matched by text")
+    if item.get("on"):
+        parts.append(f"dated {item['on']}")
+    if item.get("label"):
+        parts.append(json.dumps(item["label"], ensure_ascii=False))
+    return ", ".join(parts)
+
+
+def _lab_line(item: dict[str, Any]) -> str:
+    ref = f"Observation/{item['resource_id']}" if item.get("resource_id") else "Observation"
+    value = "no readable value"
+    if item.get("value") is not None:
+        value = f"{item.get('comparator') or ''}{item['value']:g} {item.get('unit') or ''}".strip()
+        if item.get("value_ng_l") is not None and (item.get("unit") or "").lower() not in ("ng/l", "pg/ml"):
+            value += f" (= {item['value_ng_l']:g} ng/L)"
+    return f"{ref}, LOINC {item.get('loinc')} (http://loinc.org), dated {item.get('on') or 'unknown'}, value {value}"
+
+
+def _value_lines(value: Any, indent: str) -> list[str]:
+    """A fact's value as lines: evidence and lab results one a line, nested lists indented."""
+    if isinstance(value, list):
+        lines: list[str] = []
+        for item in value:
+            lines += _value_lines(item, indent)
+        return lines
+    if isinstance(value, dict):
+        if "evidence" in value and "key" in value:  # a risk factor and its evidence
+            return [f"{indent}{value['key']}:"] + _value_lines(value["evidence"], indent + "  ")
+        if "loinc" in value:
+            return [indent + _lab_line(value)]
+        if "resource_type" in value:
+            return [indent + _evidence_line(value)]
+        return [f"{indent}{k}: {json.dumps(v, ensure_ascii=False)}" for k, v in value.items() if v is not None]
+    return [f"{indent}{value}"]
+
+
+def format_explanation(expl: dict[str, Any], out: TextIO) -> None:
+    """The explanation (`cds_service.explain.explain`) as text for a command-line user."""
+    d = expl.get("decision") or {}
+    rule = f"rule {d['rule']}" if d.get("rule") else "rule"
+    outcome = f"card {d['kind']}" if d.get("kind") else "no card"
+    print(f"Decision: {outcome}, reason {d.get('reason')} ({rule} in {d.get('rules_table')})", file=out)
+    if d.get("b12_result"):
+        print("  latest B12 result used: " + _lab_line(d["b12_result"]) + f" -> {d.get('b12_band')}", file=out)
+    if d.get("mma_result"):
+        print("  MMA result: " + _lab_line(d["mma_result"]), file=out)
+    facts = expl.get("facts") or {}
+    print("Facts found:" if facts else "Facts found: none", file=out)
+    for name, value in facts.items():
+        lines = _value_lines(value, "    ")
+        if isinstance(value, (list, dict)):
+            print(f"  {name}:", file=out)
+            for line in lines:
+                print(line, file=out)
+        else:
+            print(f"  {name}: {value}", file=out)
+    missing = expl.get("not_found") or []
+    if missing:
+        print("Looked for and not found:", file=out)
+        for item in missing:
+            print(f"  {item['fact']}: {item['looked_for']}", file=out)
+    unavailable = expl.get("unavailable") or []
+    print("Could not be had: " + (", ".join(f"{u['key']} ({u['what']})" for u in unavailable) or "nothing"),
+          file=out)
+    skipped = expl.get("skipped_invalid") or []
+    print("Skipped as invalid FHIR R4: " + (", ".join(skipped) or "nothing"), file=out)
+    sources = expl.get("data_sources") or {}
+    if sources:
+        print(f"Data: prefetched {', '.join(sources.get('prefetched') or []) or 'nothing'}; fetched from the "
+              f"FHIR server {', '.join(sources.get('fetched_from_fhir_server') or []) or 'nothing'}", file=out)
+    known = {"decision", "facts", "not_found", "unavailable", "skipped_invalid", "data_sources", "cards",
+             "patient_id", "today", "skipped_resources"}
+    for key, value in expl.items():  # anything the engine adds later
+        if key not in known and value not in (None, [], {}):
+            print(f"{key}: {json.dumps(value, ensure_ascii=False)}", file=out)
+
+
+# --- running ----------------------------------------------------------------------------------
+
+MODES = {"fhir": "FHIR fallback (no prefetch)", "prefetch": "prefetch built from the discovery templates"}
+
+
+def _run_mode(service: InProcessService, args: argparse.Namespace, fhir_server: str,
+              drafts: list[dict[str, Any]], mode: str) -> tuple[dict[str, Any], dict[str, str]]:
+    """One hook call in `mode`; (answer, prefetch keys left out).  CliError when it fails."""
+    body = build_hook_request(hook=args.hook, fhir_server=fhir_server, patient_id=args.patient,
+                              user_id=args.user, token=args.token, draft_orders=drafts)
+    left_out: dict[str, str] = {}
+    if mode == "prefetch":
+        body["prefetch"], left_out = ehr_prefetch(fhir_server, service.templates(args.hook), body,
+                                                  token=args.token, timeout=args.timeout)
+    status, answer = service.call(body)
+    if status != 200:
+        from cds_service.patient_data import render_template
+        from cds_service.protocol import parse_hook_request
+
+        patient_read = render_template(service.templates(args.hook)["patient"],
+                                       parse_hook_request(body, args.hook).context.token_values())
+        reason = diagnose(fhir_server, patient_read, args.patient, token=args.token, timeout=args.timeout)
+        issues = (answer or {}).get("issue") or [{}]
+        raise CliError(reason or f"the service answered HTTP {status}: {issues[0].get('diagnostics', 'no details')}")
+    return answer, left_out
+
+
+def explanation_of(answer: dict[str, Any]) -> dict[str, Any]:
+    from cds_service.http.hooks import EXPLANATION_EXTENSION
+
+    return ((answer.get("extension") or {}).get(EXPLANATION_EXTENSION)) or {}
+
+
+def _comparable(answer: dict[str, Any]) -> dict[str, Any]:
+    """What must agree between modes: the cards (uuids aside) and the explanation (data sources aside)."""
+    def strip(value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k != "uuid"}
+        if isinstance(value, list):
+            return [strip(v) for v in value]
+        return value
+    expl = {k: v for k, v in explanation_of(answer).items() if k != "data_sources"}
+    return {"cards": strip(answer.get("cards") or []), "explanation": strip(expl)}
+
+
+def differences(a: Any, b: Any, path: str = "") -> list[tuple[str, Any, Any]]:
+    """(JSON path, value in a, value in b) for every leaf where `a` and `b` differ."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: list[tuple[str, Any, Any]] = []
+        for key in list(a) + [k for k in b if k not in a]:
+            out += differences(a.get(key), b.get(key), f"{path}.{key}" if path else key)
+        return out
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [(path, a, b)]
+
+
+def _print_answer(answer: dict[str, Any], left_out: dict[str, str], out: TextIO) -> None:
+    format_cards(answer, out)
+    for key, why in left_out.items():
+        print(f"Prefetch: {key} left out ({why})", file=out)
+    format_explanation(explanation_of(answer), out)
 
 
 def run(args: argparse.Namespace) -> int:
-    fhir_server = args.fhir_server.rstrip("/")
-    body = build_hook_request(hook=args.hook, fhir_server=fhir_server, patient_id=args.patient,
-                              user_id=args.user, token=args.token, draft_orders=_load_drafts(args.draft_orders))
+    fhir_server = checked_base_url(args.fhir_server)
+    drafts = _load_drafts(args.draft_orders)
+    modes = ["prefetch", "fhir"] if args.compare else ["prefetch" if args.prefetch else "fhir"]
     with tempfile.TemporaryDirectory(prefix="b12-cds-evaluate-") as data_dir:
-        status, answer = call_service(body, fhir_server, data_dir)
+        service = InProcessService(fhir_server, data_dir, args.timeout)
+        try:
+            results = {mode: _run_mode(service, args, fhir_server, drafts, mode) for mode in modes}
+        finally:
+            service.close()
+    if not args.compare:
+        answer, left_out = results[modes[0]]
+        if args.json:
+            _print_json(_json_answer(answer, left_out), sys.stdout)
+        else:
+            _print_answer(answer, left_out, sys.stdout)
+        return 0
+    diffs = differences(_comparable(results["prefetch"][0]), _comparable(results["fhir"][0]))
     if args.json:
-        print(json.dumps(answer, indent=2, ensure_ascii=False))
-        return 0 if status == 200 else 1
-    if status != 200:
-        issues = (answer or {}).get("issue") or [{}]
-        print(f"HTTP {status}: {issues[0].get('diagnostics', 'no details')}", file=sys.stderr)
-        return 1
-    format_cards(answer or {}, sys.stdout)
-    return 0
+        _print_json({"same": not diffs,
+                     "differences": [{"path": p, "prefetch": a, "fhir": b} for p, a, b in diffs],
+                     "prefetch": _json_answer(*results["prefetch"]), "fhir": _json_answer(*results["fhir"])},
+                    sys.stdout)
+        return 0 if not diffs else 1
+    for mode in modes:
+        print(f"== {MODES[mode]}", file=sys.stdout)
+        _print_answer(*results[mode], sys.stdout)
+        print(file=sys.stdout)
+    if not diffs:
+        print("Same answer in both modes: the same cards and the same explanation.")
+        return 0
+    print(f"The two modes differ ({len(diffs)} difference{'s' if len(diffs) > 1 else ''}):")
+    for path, a, b in diffs:
+        print(f"  {path}: prefetch {json.dumps(a, ensure_ascii=False)} / FHIR fallback {json.dumps(b, ensure_ascii=False)}")
+    return 1
+
+
+def _json_answer(answer: dict[str, Any], left_out: dict[str, str]) -> dict[str, Any]:
+    """The cards as the service answered them, the explanation, and prefetch keys left out."""
+    out = {"cards": answer.get("cards") or [], "explanation": explanation_of(answer)}
+    if left_out:
+        out["prefetch_left_out"] = left_out
+    return out
+
+
+def _print_json(value: Any, out: TextIO) -> None:
+    out.write(json.dumps(value, indent=2, ensure_ascii=False) + "\n")

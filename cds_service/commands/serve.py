@@ -19,7 +19,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="threads per worker; hook calls wait on FHIR servers, threads keep cores busy")
     parser.add_argument("--demo", action="store_true",
                         help="demo mode: serve the demo EHR page at / with the built-in synthetic patients")
-    parser.add_argument("--dev", action="store_true", help="Flask development server (single process)")
+    parser.add_argument("--dev", action="store_true",
+                        help="Flask development server (single process); hook answers carry the "
+                             "explanation of each decision (patient data: never in production)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -27,6 +29,8 @@ def run(args: argparse.Namespace) -> int:
 
     if args.demo:
         os.environ["CDS_DEMO_MODE"] = "1"
+    if args.dev:
+        os.environ["CDS_DEV_MODE"] = "1"
     settings = Settings.from_env()
     bind = args.bind or settings.bind
     if args.dev:
@@ -35,6 +39,10 @@ def run(args: argparse.Namespace) -> int:
         host, _, port = bind.rpartition(":")
         create_app().run(host=host or "127.0.0.1", port=int(port), debug=False, threaded=True)
         return 0
+    if settings.dev_mode:  # the explanation carries patient data: never under the production server
+        from cds_service.commands.fhir_client import CliError
+
+        raise CliError("CDS_DEV_MODE=1 is for the development server only (b12-cds serve --dev)")
     _prepare_multiprocess_metrics()
     GunicornServer({
         "bind": bind,

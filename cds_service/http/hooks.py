@@ -22,6 +22,7 @@ from cds_service.services import services
 from cds_service.http.errors import json_response
 from cds_service.logs import get_logger
 from cds_service.engine import Evaluation
+from cds_service.explain import explain
 from cds_service.protocol import CdsError, HookRequest, cards_response, parse_hook_request
 from cds_service.store import IssuedCard
 
@@ -29,6 +30,8 @@ blueprint = Blueprint("hooks", __name__)
 log = get_logger("hooks")
 
 JSON_CONTENT_TYPES = ("application/json", "application/fhir+json")
+EXPLANATION_EXTENSION = "org.b12-neck-cds.explanation"
+"""Key of the answer's `extension` that carries the explanation (demo and dev modes only)."""
 
 
 @dataclass(frozen=True)
@@ -122,7 +125,17 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
         "fhir_calls": gathered.fhir_calls or None,
         "skipped_resources": (gathered.skipped_resources + evaluation.skipped_resources) or None,
     }
-    return json_response(cards_response(evaluation.cards))
+    answer = cards_response(evaluation.cards)
+    if s.settings.demo_mode or s.settings.dev_mode:  # patient data: never in production answers
+        explanation = explain(evaluation, unavailable_wording=s.engine.texts.common.get("unavailable_data"))
+        explanation["data_sources"] = {
+            "prefetched": sorted(k for k in hook_request.prefetch if k not in gathered.fetched_keys
+                                 and k not in gathered.failed_keys),
+            "fetched_from_fhir_server": list(gathered.fetched_keys),
+            "fhir_calls": gathered.fhir_calls,
+        }
+        answer["extension"] = {EXPLANATION_EXTENSION: explanation}
+    return json_response(answer)
 
 
 def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evaluation) -> None:

@@ -196,6 +196,7 @@ def test_evaluate_command_prints_the_same_cards(app: Flask, fhir_base: str, pati
             assert card["summary"] in text
 
 
-def test_evaluate_unknown_patient_is_412(fhir_base: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_evaluate_unknown_patient_says_so(fhir_base: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert cli_main(["evaluate", "--fhir-server", fhir_base, "--patient", "no-such-patient"]) == 1
-    assert "412" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "no Patient with id 'no-such-patient'" in err and "--patient" in err
