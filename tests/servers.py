@@ -87,6 +87,37 @@ class ServerProcess:
         self.stop()
 
 
+def sekmet_server(work: Any) -> tuple[ServerProcess, str]:
+    """A sekmet-fhir FHIR R4 server (not started) on 127.0.0.1:<free port> with its database in
+    `work`, and its base URL (`.../fhir`).  Simulated labs off, strict validation of what is
+    written.  Use: `with server.start(http_ok(f"{base}/metadata"), timeout=60): ...`."""
+    import sys
+    from pathlib import Path
+
+    work = Path(work)
+    port = free_port()
+    base = f"http://{HOST}:{port}/fhir"
+    config = work / "settings.yaml"
+    config.write_text("\n".join([
+        f"base_url: {base}",
+        f"host: {HOST}",
+        f"port: {port}",
+        f"data_dir: {work / 'data'}",
+        f"own_private_key_path: {work / 'keys' / 'sekmet_private.pem'}",
+        "log_inbound: false",
+        "simulator:",
+        "  enabled: false",  # no simulated lab filling our ServiceRequests
+        "validation:",
+        "  inbound: strict",  # the demo data must be valid R4
+        "",
+    ]))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SEKMET_")}
+    sekmet = str(Path(sys.executable).with_name("sekmet"))
+    server = ServerProcess([sekmet, "serve", "--config", str(config), "--host", HOST, "--port", str(port)],
+                           cwd=work, env=env, log_path=work / "sekmet.log")
+    return server, base
+
+
 def http_ok(url: str) -> Callable[[], bool]:
     """A readiness check: GET `url` answers 200."""
     import requests

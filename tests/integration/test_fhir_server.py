@@ -17,12 +17,10 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import os
 import sys
 import time
 from collections.abc import Iterator
 from contextlib import redirect_stdout
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -35,11 +33,10 @@ from cds_service.config import Settings
 from cds_service.patient_data import PatientDataGatherer, render_template
 from cds_service.protocol import parse_hook_request
 from cds_service.record import PREFETCH_KEYS
-from tests.servers import ServerProcess, free_port, hook_body, http_ok
+from tests.servers import hook_body, http_ok, sekmet_server
 
 pytestmark = pytest.mark.integration
 
-SEKMET = Path(sys.executable).with_name("sekmet")
 HOOKS = ("patient-view", "order-select", "order-sign")
 OUTCOME = {"resourceType": "OperationOutcome",
            "issue": [{"severity": "error", "code": "timeout", "diagnostics": "prefetch failed"}]}
@@ -48,26 +45,7 @@ OUTCOME = {"resourceType": "OperationOutcome",
 @pytest.fixture(scope="module")
 def fhir_base(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """A sekmet FHIR server on 127.0.0.1:<free port>, temporary database; stopped at the end."""
-    work = tmp_path_factory.mktemp("sekmet")
-    port = free_port()
-    base = f"http://127.0.0.1:{port}/fhir"
-    config = work / "settings.yaml"
-    config.write_text("\n".join([
-        f"base_url: {base}",
-        "host: 127.0.0.1",
-        f"port: {port}",
-        f"data_dir: {work / 'data'}",
-        f"own_private_key_path: {work / 'keys' / 'sekmet_private.pem'}",
-        "log_inbound: false",
-        "simulator:",
-        "  enabled: false",  # no simulated lab filling our ServiceRequests
-        "validation:",
-        "  inbound: strict",  # the demo data must be valid R4
-        "",
-    ]))
-    env = {k: v for k, v in os.environ.items() if not k.startswith("SEKMET_")}
-    server = ServerProcess([str(SEKMET), "serve", "--config", str(config), "--host", "127.0.0.1",
-                            "--port", str(port)], cwd=work, env=env, log_path=work / "sekmet.log")
+    server, base = sekmet_server(tmp_path_factory.mktemp("sekmet"))
     with server.start(http_ok(f"{base}/metadata"), timeout=60):
         yield base
 
