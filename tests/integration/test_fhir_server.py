@@ -17,7 +17,6 @@ from __future__ import annotations
 import io
 import itertools
 import json
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import redirect_stdout
