@@ -120,7 +120,7 @@ class CardBuilder:
         spec = self.texts.kinds[decision.kind]
         suggestions = None
         if decision.kind in ("b12-test", "mma-test"):
-            suggestion = self._suggestion(decision.kind, spec, facts, context)
+            suggestion = self._suggestion(decision, spec, facts, context)
             suggestions = [suggestion] if suggestion else None
         return protocol.Card(
             summary=self._summary(decision, spec, facts),
@@ -142,8 +142,14 @@ class CardBuilder:
         if decision.kind == "low-b12":
             r = decision.b12_result
             return spec["summary"]["result"].format(value=_num(r.value_ng_l), date=_day(r.on))[:MAX_SUMMARY]
-        # Red flags lead the summary too: it is the line a busy clinician reads.
-        variant = "red_flags" if facts.red_flags else ("chronic" if facts.chronic else "neuropathic")
+        # Red flags lead the summary too: it is the line a busy clinician reads.  Without a listed
+        # symptom (decision not recommended) the summary asks about symptoms instead of advising.
+        if facts.red_flags:
+            variant = "red_flags"
+        elif facts.suspected_deficiency:
+            variant = "suspected"
+        else:
+            variant = "neuropathic" if decision.recommended else "chronic"
         template = spec["summary"][variant]
         labels = self.risk_labels(facts)
         # Name as many top risk factors as fit; the rest become "+N more".
@@ -161,7 +167,10 @@ class CardBuilder:
         s = self.settings
         parts: list[str] = []
         if facts.red_flags:  # red flags first: urgent assessment takes priority
-            parts.append(f"**{h['red_flags']}**\n\n{_bullets(facts.red_flags)}\n\n{c['red_flags_advice']}")
+            parts.append(f"**{h['red_flags']}**\n\n{_bullets(facts.red_flags)}\n\n{c['red_flags_advice']}\n\n"
+                         f"{self._pain_timing(facts)} {self._compressive(facts)}")
+        if facts.suspected_deficiency:
+            parts.append(f"**{h['suspected']}**\n\n{_bullets(facts.suspected_deficiency)}\n\n{c['suspected_note']}")
         if facts.mechanical:
             parts.append(f"**{h['mechanical']}**\n\n{c['mechanical_documented']}\n\n{_bullets(facts.mechanical)}")
         else:
@@ -169,16 +178,23 @@ class CardBuilder:
         if facts.risk_factors:
             labels = self.risk_labels(facts)
             lines = []
+            notes = c.get("risk_factor_notes", {})
             for label, risk in zip(labels, facts.risk_factors):
                 ev = "; ".join(_evidence(e) for e in risk.evidence[:MAX_LIST_ITEMS])
-                lines.append(f"- {safe_text(label)}: {ev}")
+                note = f" ({notes[risk.note]})" if risk.note in notes else ""
+                lines.append(f"- {safe_text(label)}: {ev}{note}")
             parts.append(f"**{h['risk_factors']}**\n\n" + "\n".join(lines))
-        parts.append(f"**{h['neuropathic']}**\n\n"
-                     + (_bullets(facts.neuropathic) if facts.neuropathic else c["neuropathic_none"]))
+        neuro = _bullets(facts.neuropathic) if facts.neuropathic else c["neuropathic_none"]
+        if facts.neuropathic and facts.compressive:
+            neuro += f"\n\n{c['neuropathic_explained']}"
+        parts.append(f"**{h['neuropathic']}**\n\n{neuro}")
         parts.append(f"**{h['results']}**\n\n{self._results(facts)}")
         advice = spec["advice"]
         if isinstance(advice, dict):  # wording that depends on whether a NICE-listed symptom is documented
-            advice = advice["with_neuropathic" if facts.neuropathic else "without_neuropathic"]
+            if facts.suspected_deficiency and "suspected" in advice:
+                advice = advice["suspected"]
+            else:
+                advice = advice["with_neuropathic" if decision.recommended else "without_neuropathic"]
         parts.append(advice.format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l),
                                    recent_days=s.recent_test_days))
         if facts.unavailable:
@@ -187,6 +203,23 @@ class CardBuilder:
             parts.append(f"**{h['unavailable']}**\n\n{c['unavailable_intro']} " + ", ".join(missing) + ".")
         parts.append(f"_{c['evidence_note']}_")
         return "\n\n".join(parts)
+
+    def _pain_timing(self, facts: PatientFacts) -> str:
+        """Acute or chronic, as the rules saw it (shown with red flags, which apply either way)."""
+        t = self.texts.common["pain_timing"]
+        onset = facts.neck_pain_onset
+        if facts.chronic:
+            return t["chronic"].format(onset=_day(onset)) if onset else t["chronic_coded"]
+        return t["acute"].format(onset=_day(onset)) if onset else t["unknown"]
+
+    def _compressive(self, facts: PatientFacts) -> str:
+        c = self.texts.common
+        if not facts.compressive:
+            return c["compressive_none"]
+        names = list(dict.fromkeys(safe_text(e.label) for e in facts.compressive))
+        shown = "; ".join(names[:MAX_LIST_ITEMS]) + (f"; and {len(names) - MAX_LIST_ITEMS} more"
+                                                      if len(names) > MAX_LIST_ITEMS else "")
+        return c["compressive_documented"].format(causes=shown)
 
     def _results(self, facts: PatientFacts) -> str:
         lines = []
@@ -216,8 +249,9 @@ class CardBuilder:
         return f"B12 {value} on {_day(r.on)}: {band_text}"
 
     # -- suggestion ---------------------------------------------------------------------------
-    def _suggestion(self, kind: str, spec: dict[str, Any], facts: PatientFacts,
+    def _suggestion(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
                     context: Any) -> protocol.Suggestion | None:
+        kind = decision.kind
         loinc = MMA_LOINC if kind == "mma-test" else self.settings.b12_order_loinc
         vs = "mma-lab" if kind == "mma-test" else "b12-lab"
         resource = build_service_request(
@@ -227,7 +261,7 @@ class CardBuilder:
         if resource is None:
             return None
         return protocol.Suggestion(
-            label=spec["suggestion"]["label"], isRecommended=True,
+            label=spec["suggestion"]["label"], isRecommended=decision.recommended,
             actions=[protocol.Action(type="create", description=spec["suggestion"]["action"], resource=resource)])
 
 

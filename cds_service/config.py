@@ -45,6 +45,12 @@ class Settings:
     validation_cache_size: int = 8192
     """R4B validation verdicts remembered per worker (a digest and a boolean each); 0: off."""
     order_intent: str = "proposal"
+    acid_suppressant_min_days: int = 365
+    """An acid suppressant counts once taken this long (AAFP 2017: more than 12 months)."""
+    pending_order_max_days: int = 90
+    """An active B12/MMA order older than this is stale and no longer suppresses the card."""
+    encounter_diagnosis_days: int = 180
+    """An encounter diagnosis without a clinical status counts only while this recent."""
 
     # --- protocol limits -------------------------------------------------------------------
     max_body_bytes: int = 5 * 1024 * 1024

@@ -5,13 +5,22 @@ only resources that matched something the rules use are validated with fhir.reso
 matched resource that fails validation is skipped and counted in `skipped_resources`.  Nothing in
 here raises on malformed input: every field is type-checked before use.
 
-Counting rules (issue #2, "Facts derived from the patient's data"):
-- Conditions count when clinicalStatus is active/recurrence/relapse (or absent) and
-  verificationStatus is not refuted/entered-in-error.  Surgical history counts whatever its
-  clinicalStatus (a gastrectomy does not "resolve").
+Counting rules (docs/rules.md, "What counts"):
+- Conditions count when clinicalStatus is active/recurrence/relapse (or absent), there is no
+  abatement[x] (an abated Condition is not active, whatever its status says), and
+  verificationStatus is not refuted/entered-in-error.  An encounter diagnosis with no clinical
+  status counts only while recent (`encounter_diagnosis_days`).  Surgical history and structural
+  malabsorption (value set malabsorption-persistent) count whatever their clinical status (a
+  gastrectomy does not "resolve"; Crohn's disease in remission keeps its ileal damage).
+- A B12-deficiency diagnosis means "already handled" only when confirmed: provisional,
+  differential or unconfirmed is a suspected deficiency (a reason to test); a resolved one is a
+  history of deficiency (a risk factor).
 - Observations with status entered-in-error or cancelled never count; lab results count only when
-  final, amended or corrected.
-- Medications count when active or on-hold; codes first, else ingredient names in text/display.
+  final, amended or corrected; a finding recorded as absent (No, false, an absent/negative code,
+  a data-absent reason) never counts.
+- Medications count when active or on-hold, matched by code, else by ingredient, brand or product
+  name in the text/display, including a Medication given by reference (contained, or one of the
+  record's Medication resources).  Acid suppressants count only when long-term.
 """
 
 from __future__ import annotations
@@ -32,8 +41,8 @@ from cds_service.record import PatientRecord
 # --- constants --------------------------------------------------------------------------------
 
 RISK_FACTOR_ORDER: tuple[str, ...] = (
-    "metformin", "acid-suppressants", "gastric-surgery", "malabsorption", "vegan-vegetarian-diet",
-    "older-age", "diabetes", "alcohol-use-disorder",
+    "metformin", "acid-suppressants", "gastric-surgery", "malabsorption", "b12-deficiency-history",
+    "vegan-vegetarian-diet", "older-age", "diabetes", "alcohol-use-disorder",
 )
 """Risk-factor keys, strongest/most specific marker first (metformin is a stronger B12 marker
 than diabetes itself: clinical-knowledge.md 1c).  Keys equal value-set names, plus "older-age"."""
@@ -42,12 +51,27 @@ CONDITION_SETS = frozenset({
     "neck-pain", "chronic-neck-pain", "neuropathic-features", "mechanical-causes",
     "compressive-causes", "red-flags", "diabetes", "vegan-vegetarian-diet", "malabsorption",
     "gastric-surgery", "alcohol-use-disorder", "b12-deficiency",
+    "neurological-red-flags", "peripheral-neuropathy", "b12-low-finding", "b12-deficiency-history",
+    "malabsorption-persistent",
 })
-FINDING_SETS = frozenset({"neuropathic-features", "vegan-vegetarian-diet", "red-flags"})
+FINDING_SETS = frozenset({"neuropathic-features", "vegan-vegetarian-diet", "red-flags",
+                          "neurological-red-flags", "peripheral-neuropathy", "b12-low-finding"})
 """Sets an Observation may establish, by its code or its valueCodeableConcept."""
 LAB_SETS = frozenset({"b12-lab", "mma-lab"})
 MEDICATION_SETS = frozenset({"metformin", "acid-suppressants", "b12-replacement"})
 SURGERY_SET = "gastric-surgery"
+PERSISTENT_SETS = frozenset({SURGERY_SET, "malabsorption", "malabsorption-persistent"})
+"""Sets that still count when a Condition is inactive/resolved/abated - surgery always, and
+malabsorption only when the code is also in malabsorption-persistent (checked in _conditions)."""
+ABSENT_ANSWERS = "absent-answers"
+SUSPECTED_VERIFICATION = frozenset({"provisional", "differential", "unconfirmed"})
+"""FHIR condition-ver-status codes short of confirmed: for a B12-deficiency diagnosis these mean
+"suspected, to be tested" (never "already handled")."""
+CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
+ABATEMENT_KEYS = ("abatementDateTime", "abatementAge", "abatementPeriod", "abatementRange",
+                  "abatementString", "abatementBoolean")
+DURATION_UNKNOWN = "duration-unknown"
+"""RiskFactor.note: an acid suppressant counted although no start date was recorded."""
 
 COUNTED_CLINICAL = frozenset({"active", "recurrence", "relapse"})
 EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
@@ -56,7 +80,8 @@ FINAL_LAB = frozenset({"final", "amended", "corrected"})
 ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
 PENDING_ORDER = frozenset({"active", "on-hold"})
 DEAD_DRAFT = frozenset({"revoked", "entered-in-error", "completed", "cancelled", "stopped"})
-NEGATIVE_ANSWERS = frozenset({"no", "absent", "negative", "none", "false", "not present"})
+NEGATIVE_ANSWERS = frozenset({"no", "n", "absent", "negative", "neg", "none", "false", "not present",
+                              "not detected", "denies", "denied", "not found"})
 
 # Serum B12 unit conversion to ng/L (= pg/mL).  pmol/L x 1.355 (cyanocobalamin 1355.4 g/mol;
 # NICE NG239 cut-offs 180 ng/L ~ 133 pmol/L, 350 ng/L ~ 258 pmol/L; clinical-knowledge.md 1e).
@@ -112,6 +137,8 @@ class RiskFactor:
     key: str
     """One of RISK_FACTOR_ORDER."""
     evidence: tuple[Evidence, ...]
+    note: str | None = None
+    """A caveat the card states next to the risk factor (e.g. DURATION_UNKNOWN)."""
 
 
 @dataclass(frozen=True)
@@ -143,6 +170,7 @@ class PatientFacts:
     red_flags: tuple[Evidence, ...]
     risk_factors: tuple[RiskFactor, ...]
     already_handled: tuple[Evidence, ...]
+    """A confirmed, active B12-deficiency diagnosis or active B12 replacement."""
     b12_results: tuple[LabResult, ...]
     """Newest first; results without a date last."""
     mma_results: tuple[LabResult, ...]
@@ -151,6 +179,22 @@ class PatientFacts:
     skipped_resources: int = 0
     skipped_references: tuple[str, ...] = ()
     """"Type/id" of each matched record entry skipped as invalid FHIR R4 (no content)."""
+    neurological_red_flags: tuple[Evidence, ...] = ()
+    """Myelopathy, cord compression, gait/balance disturbance: red flags that are also NICE NG239
+    neurological presentations of B12 deficiency (a subset of `red_flags`)."""
+    peripheral_neuropathy: tuple[Evidence, ...] = ()
+    """Distal polyneuropathy (a subset of `neuropathic`): no root compression explains it."""
+    suspected_deficiency: tuple[Evidence, ...] = ()
+    """A provisional/differential/unconfirmed B12-deficiency diagnosis or a low-B12 finding."""
+
+    @property
+    def unexplained_symptoms(self) -> bool:
+        """A NICE NG239-listed neurological symptom that no documented cause explains: a
+        myelopathy/gait red flag, a distal polyneuropathy, or sensory features (paraesthesia,
+        numbness, neuropathic pain) without a documented nerve-root compression (which explains
+        radicular symptoms only)."""
+        return bool(self.neurological_red_flags or self.peripheral_neuropathy
+                    or (self.neuropathic and not self.compressive))
 
     def risk(self, key: str) -> RiskFactor | None:
         return next((r for r in self.risk_factors if r.key == key), None)
@@ -264,44 +308,110 @@ def _match_concept(knowledge: Knowledge, concept: Any) -> Mapping[str, Match]:
             found = {}
         for name in names:
             if name not in found:
+                # A concept broader than the card's wording (Z90.49, E53.8...) counts only when
+                # the record's own text says what it is (REQUIRES_TEXT_EXTENSION).
+                if not knowledge.supported(name, system, code, _concept_texts(concept)):
+                    continue
                 found[name] = Match(text or _s(coding.get("display"))
                                     or knowledge.display(name, system, code.strip()) or code, system, code)
-    return found if found is not None else _NO_MATCH
+    return found if found else _NO_MATCH
 
 
-def _match_medication(knowledge: Knowledge, resource: dict[str, Any]) -> dict[str, Match]:
-    """Medication value sets of a MedicationRequest/Statement: by code, else by ingredient name
-    in the concept text, coding displays or medicationReference.display."""
-    concept = resource.get("medicationCodeableConcept")
-    found = {k: v for k, v in _match_concept(knowledge, concept).items() if k in MEDICATION_SETS}
+def _concept_texts(concept: dict[str, Any]) -> list[str | None]:
+    """The record's own words for a CodeableConcept: its text and every coding's display."""
+    return [_s(concept.get("text"))] + [_s(c.get("display")) for c in _codings(concept)]
+
+
+def _referenced_medication(resource: dict[str, Any],
+                           medications: Mapping[str, dict[str, Any]]) -> dict[str, Any] | None:
+    """The Medication a `medicationReference` points to: a contained one ("#id"), else one of the
+    record's Medication resources ("Medication/id", absolute or versioned URLs included)."""
+    ref = _s(_d(resource.get("medicationReference")).get("reference"))
+    if not ref:
+        return None
+    if ref.startswith("#"):
+        contained = resource.get("contained")
+        for item in contained if isinstance(contained, list) else ():
+            if isinstance(item, dict) and item.get("resourceType") == "Medication" and item.get("id") == ref[1:]:
+                return item
+        return None
+    parts = ref.split("/")
+    if "_history" in parts:
+        parts = parts[:parts.index("_history")]
+    if len(parts) >= 2 and parts[-2] == "Medication":
+        return medications.get(parts[-1])
+    return None
+
+
+def _match_medication(knowledge: Knowledge, resource: dict[str, Any],
+                      medications: Mapping[str, dict[str, Any]] = MappingProxyType({})) -> dict[str, Match]:
+    """Medication value sets of a MedicationRequest/Statement.
+
+    Codes first (medicationCodeableConcept, or the referenced Medication's code and ingredient
+    codes); when no code is known, names (ingredient, brand, spelling; value-set extensions) in
+    the texts and displays of the same places and in medicationReference.display.  A combination
+    product matches every value set one of its ingredients is in."""
+    concepts: list[Any] = [resource.get("medicationCodeableConcept")]
+    texts: list[str | None] = [_s(_d(resource.get("medicationReference")).get("display"))]
+    medication = _referenced_medication(resource, medications)
+    if medication is not None and _s(medication.get("status")) != "entered-in-error":
+        concepts.append(medication.get("code"))
+        ingredients = medication.get("ingredient")
+        for item in ingredients if isinstance(ingredients, list) else ():
+            if isinstance(item, dict):
+                concepts.append(item.get("itemCodeableConcept"))
+                texts.append(_s(_d(item.get("itemReference")).get("display")))
+    found: dict[str, Match] = {}
+    for concept in concepts:
+        for name, match in _match_concept(knowledge, concept).items():
+            if name in MEDICATION_SETS:
+                found.setdefault(name, match)
+        if isinstance(concept, dict):
+            texts += _concept_texts(concept)
     if found:
-        return found
-    texts = [_s(_d(concept).get("text"))] + [_s(c.get("display")) for c in _codings(concept)]
-    texts.append(_s(_d(resource.get("medicationReference")).get("display")))
+        return found  # a known code decides; free text may be stale or about something else
     for text in dict.fromkeys(texts):  # text and display are often the same string
         if text:
             for name in knowledge.match_text(text):
-                found.setdefault(name, Match(text))
+                if name in MEDICATION_SETS:
+                    found.setdefault(name, Match(text))
     return found
 
 
-def _is_negative_answer(obs: dict[str, Any]) -> bool:
-    """An Observation that records the *absence* of a finding (value false / "No")."""
+_VALUE_KEYS = ("valueQuantity", "valueCodeableConcept", "valueString", "valueBoolean", "valueInteger",
+               "valueRange", "valueRatio", "valueSampledData", "valueTime", "valueDateTime", "valuePeriod")
+
+
+def _is_negative_answer(knowledge: Knowledge, obs: dict[str, Any]) -> bool:
+    """An Observation that records the *absence* of a finding, however it is coded: value false,
+    "No"/"Absent"/"Negative" text, an answer code in the absent-answers value set (SNOMED,
+    HL7 v2/v3, LOINC answer codes) as value or interpretation, or no value at all but a
+    dataAbsentReason (the question was not answered: nothing is established)."""
     if obs.get("valueBoolean") is False:
         return True
-    answers = [_s(obs.get("valueString"))]
+    if obs.get("dataAbsentReason") is not None and not any(k in obs for k in _VALUE_KEYS):
+        return True
     value_cc = _d(obs.get("valueCodeableConcept"))
-    answers.append(_s(value_cc.get("text")))
-    answers += [_s(c.get("display")) for c in _codings(value_cc)]
-    return any(a and a.strip().lower() in NEGATIVE_ANSWERS for a in answers)
+    answers = [_s(obs.get("valueString"))] + _concept_texts(value_cc)
+    if any(a and a.strip().rstrip(".").lower() in NEGATIVE_ANSWERS for a in answers):
+        return True
+    if ABSENT_ANSWERS in _match_concept(knowledge, value_cc):
+        return True
+    interpretations = obs.get("interpretation")
+    return any(ABSENT_ANSWERS in _match_concept(knowledge, i)
+               for i in (interpretations if isinstance(interpretations, list) else ()))
 
 
 # --- the derivation ---------------------------------------------------------------------------
 
 class _Collector:
-    def __init__(self) -> None:
+    def __init__(self, today: date, settings: Settings) -> None:
+        self.today = today
+        self.settings = settings
         self.by_set: dict[str, list[Evidence]] = {}
         self.onsets: list[date] = []
+        self.acid: list[tuple[Evidence, bool, date | None]] = []
+        """Acid-suppressant entries: (evidence, start known, earliest date seen)."""
 
     def add(self, name: str, ev: Evidence) -> None:
         self.by_set.setdefault(name, []).append(ev)
@@ -321,15 +431,17 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
     validation results across calls (the engine owns one)."""
     today = now.date() if isinstance(now, datetime) else now
     validator = _Validator(verdicts)
-    col = _Collector()
+    col = _Collector(today, settings)
+    medications = {m["id"]: m for m in _dicts(record.medications) if type(m.get("id")) is str}
 
     _conditions(record.conditions, knowledge, validator, col)
     b12, mma = _observations(record.observations, knowledge, validator, col)
-    _medications(record.medication_requests, "MedicationRequest", knowledge, validator, col)
-    _medications(record.medication_statements, "MedicationStatement", knowledge, validator, col)
+    _medications(record.medication_requests, "MedicationRequest", knowledge, validator, col, medications)
+    _medications(record.medication_statements, "MedicationStatement", knowledge, validator, col, medications)
+    _acid_suppressant_risk(col)
     _procedures(record.procedures, knowledge, validator, col)
     _service_requests(record.service_requests, knowledge, validator, col)
-    _draft_orders(record.draft_orders, knowledge, validator, col)
+    _draft_orders(record.draft_orders, knowledge, validator, col, medications)
 
     age = None
     patient = record.patient if isinstance(record.patient, dict) else None
@@ -343,6 +455,10 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
             if age is not None and age >= settings.older_age_years:
                 label = f"birth date {patient.get('birthDate')}"
                 risks.append(RiskFactor(key, (Evidence("older-age", label, "Patient", _s(patient.get("id"))),)))
+        elif key == "acid-suppressants":
+            if col.get(key):
+                unknown = bool(col.get("acid-suppressants-duration-unknown"))
+                risks.append(RiskFactor(key, col.get(key), DURATION_UNKNOWN if unknown else None))
         elif col.get(key):
             risks.append(RiskFactor(key, col.get(key)))
 
@@ -364,6 +480,9 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
         red_flags=col.get("red-flags"),
         risk_factors=tuple(risks),
         already_handled=col.get("b12-deficiency") + col.get("b12-replacement"),
+        neurological_red_flags=col.get("neurological-red-flags"),
+        peripheral_neuropathy=col.get("peripheral-neuropathy"),
+        suspected_deficiency=col.get("b12-deficiency-suspected") + col.get("b12-low-finding"),
         b12_results=_newest_first(b12),
         mma_results=_newest_first(mma),
         pending_orders=col.get("pending-order"),
@@ -377,23 +496,70 @@ def _newest_first(results: list[LabResult]) -> tuple[LabResult, ...]:
     return tuple(sorted(results, key=lambda r: r.on or date.min, reverse=True))
 
 
+def _abated(res: dict[str, Any], today: date) -> bool:
+    """A Condition with any abatement[x] (dateTime, age, period, range, string) is not active.
+    Only an abatement date still in the future leaves it active."""
+    for key in ABATEMENT_KEYS:
+        value = res.get(key)
+        if value is None or value is False:
+            continue
+        if key == "abatementDateTime":
+            when = parse_date(value)
+            return when is None or when <= today
+        if key == "abatementPeriod":
+            end = parse_date(_d(value).get("end"))
+            return end is None or end <= today
+        return True
+    return False
+
+
+def _is_encounter_diagnosis(res: dict[str, Any]) -> bool:
+    categories = res.get("category")
+    return any(c.get("code") == "encounter-diagnosis" and c.get("system") in (CONDITION_CATEGORY, None)
+               for cat in (categories if isinstance(categories, list) else ()) for c in _codings(cat))
+
+
 def _conditions(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
                 col: _Collector) -> None:
     for res in _dicts(resources):
         matched = {k: v for k, v in _match_concept(knowledge, res.get("code")).items() if k in CONDITION_SETS}
         if not matched:
             continue
-        if _status_codes(res.get("verificationStatus")) & EXCLUDED_VERIFICATION:
+        verification = _status_codes(res.get("verificationStatus"))
+        if verification & EXCLUDED_VERIFICATION:
             continue
+        onset = _first_date(res, "onsetDateTime", "onsetPeriod.start") or _first_date(res, "recordedDate")
         clinical = _status_codes(res.get("clinicalStatus"))
-        if clinical and not clinical & COUNTED_CLINICAL:
-            # Inactive/resolved/remission: only surgical history still counts.
-            matched = {k: v for k, v in matched.items() if k == SURGERY_SET}
+        active = (not clinical or bool(clinical & COUNTED_CLINICAL)) and not _abated(res, col.today)
+        if active and not clinical and _is_encounter_diagnosis(res):
+            # An encounter diagnosis says what was true at that visit; without a clinical status
+            # it is taken as current only while recent (a design choice, docs/rules.md).
+            when = _first_date(res, "recordedDate") or onset
+            active = when is not None and (col.today - when).days <= col.settings.encounter_diagnosis_days
+        if not active:
+            # Inactive/resolved/remission/abated: surgical history and structural malabsorption
+            # still count (the absorption risk persists); a past B12 deficiency is a history.
+            kept = {k: v for k, v in matched.items() if k == SURGERY_SET}
+            if "malabsorption-persistent" in matched and "malabsorption" in matched:
+                kept["malabsorption"] = matched["malabsorption"]
+            if "b12-deficiency" in matched:
+                kept["b12-deficiency-history"] = matched["b12-deficiency"]
+            if "b12-deficiency-history" in matched:
+                kept["b12-deficiency-history"] = matched["b12-deficiency-history"]
+            matched = kept
+            if not matched:
+                continue
+        if "b12-deficiency" in matched and verification & SUSPECTED_VERIFICATION:
+            # NICE NG239: a suspected deficiency is confirmed by testing; it is not "handled".
+            matched["b12-deficiency-suspected"] = matched.pop("b12-deficiency")
+        if "chronic-neck-pain" in matched and "neck-pain" not in matched:
+            # G89.29/G89.4 say "chronic pain", not where: chronic *neck* pain only on the same
+            # Condition as a neck-pain code.
+            del matched["chronic-neck-pain"]
             if not matched:
                 continue
         if not validator.ok(res, "Condition"):
             continue
-        onset = _first_date(res, "onsetDateTime", "onsetPeriod.start") or _first_date(res, "recordedDate")
         rid = _s(res.get("id"))
         for name, match in matched.items():
             col.add(name, Evidence.of(name, match, "Condition", rid, onset))
@@ -423,7 +589,7 @@ def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
             (b12 if "b12-lab" in lab else mma).append(result)
             continue
         findings = {k: v for k, v in by_code.items() if k in FINDING_SETS}
-        if findings and _is_negative_answer(res):
+        if findings and _is_negative_answer(knowledge, res):
             findings = {}
         for name, match in _match_concept(knowledge, value_cc).items():
             if name in FINDING_SETS:
@@ -467,16 +633,53 @@ def _lab_result(res: dict[str, Any], by_code: Mapping[str, str]) -> LabResult:
 
 
 def _medications(resources: Iterable[Any], rtype: str, knowledge: Knowledge, validator: _Validator,
-                 col: _Collector) -> None:
+                 col: _Collector, medications: Mapping[str, dict[str, Any]]) -> None:
     for res in _dicts(resources):
         if _s(res.get("status")) not in ACTIVE_MEDICATION:
             continue
-        matched = _match_medication(knowledge, res)
+        matched = _match_medication(knowledge, res, medications)
         if not matched or not validator.ok(res, rtype):
             continue
         on = _first_date(res, "authoredOn", "effectiveDateTime", "effectivePeriod.start", "dateAsserted")
         for name, match in matched.items():
-            col.add(name, Evidence.of(name, match, rtype, _s(res.get("id")), on))
+            ev = Evidence.of(name, match, rtype, _s(res.get("id")), on)
+            if name == "acid-suppressants":
+                col.acid.append((ev, *_course_dates(res, rtype)))
+            else:
+                col.add(name, ev)
+
+
+def _course_dates(res: dict[str, Any], rtype: str) -> tuple[bool, date | None]:
+    """(start known, earliest date) of a medication entry, for the duration of acid suppression.
+
+    A start is known from MedicationStatement.effectivePeriod.start, or from the authoredOn of a
+    MedicationRequest that is not a renewal (no priorPrescription).  Any date on a still-active
+    entry (authoredOn, effective, dateAsserted) proves use since then."""
+    dates = [d for d in (_first_date(res, path) for path in (
+        "authoredOn", "effectivePeriod.start", "effectiveDateTime", "dateAsserted")) if d]
+    if rtype == "MedicationStatement":
+        known = _first_date(res, "effectivePeriod.start") is not None
+    else:
+        known = _first_date(res, "authoredOn") is not None and res.get("priorPrescription") is None
+    return known, (min(dates) if dates else None)
+
+
+def _acid_suppressant_risk(col: _Collector) -> None:
+    """AAFP 2017 (Langan): PPI/H2-blocker use for more than 12 months is the B12 risk.  Counted
+    when any active entry dates back at least `acid_suppressant_min_days`; not counted when every
+    entry has a known start more recent than that (a short course); otherwise (no start date
+    recorded) counted, and the card says the duration is unknown."""
+    if not col.acid:
+        return
+    limit = col.settings.acid_suppressant_min_days
+    long_term = any(seen is not None and (col.today - seen).days >= limit for _, _, seen in col.acid)
+    all_known_short = all(known for _, known, _ in col.acid)
+    if not long_term and all_known_short:
+        return
+    for ev, _, _ in col.acid:
+        col.add("acid-suppressants", ev)
+    if not long_term:
+        col.add("acid-suppressants-duration-unknown", col.acid[0][0])
 
 
 def _procedures(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
@@ -492,24 +695,39 @@ def _procedures(resources: Iterable[Any], knowledge: Knowledge, validator: _Vali
 
 
 def _lab_order(knowledge: Knowledge, res: dict[str, Any]) -> Match | None:
-    matched = _match_concept(knowledge, res.get("code"))
-    return next((matched[k] for k in ("b12-lab", "mma-lab") if k in matched), None)
+    """The B12/MMA test a ServiceRequest orders: by code, else (an EHR's own orderable code) by
+    the test's name in its text or displays (lab-name synonyms in the b12-lab/mma-lab sets)."""
+    concept = res.get("code")
+    matched = _match_concept(knowledge, concept)
+    found = next((matched[k] for k in ("b12-lab", "mma-lab") if k in matched), None)
+    if found is not None or not isinstance(concept, dict):
+        return found
+    for text in dict.fromkeys(_concept_texts(concept)):
+        if text:
+            names = knowledge.match_text(text)
+            if "b12-lab" in names or "mma-lab" in names:
+                return Match(text)
+    return None
 
 
 def _service_requests(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
                       col: _Collector) -> None:
+    """Active B12/MMA orders.  One authored more than `pending_order_max_days` ago is stale (never
+    collected or never resulted): it no longer stands for a test in progress."""
     for res in _dicts(resources):
         if _s(res.get("status")) not in PENDING_ORDER:
             continue
         match = _lab_order(knowledge, res)
         if match is None or not validator.ok(res, "ServiceRequest"):
             continue
-        on = _first_date(res, "authoredOn", "occurrenceDateTime")
+        on = _first_date(res, "authoredOn", "occurrenceDateTime", "occurrencePeriod.start")
+        if on is not None and (col.today - on).days > col.settings.pending_order_max_days:
+            continue
         col.add("pending-order", Evidence.of("pending-order", match, "ServiceRequest", _s(res.get("id")), on))
 
 
 def _draft_orders(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
-                  col: _Collector) -> None:
+                  col: _Collector, medications: Mapping[str, dict[str, Any]] = MappingProxyType({})) -> None:
     """Orders being written in this order-select/order-sign session (context.draftOrders).
 
     A draft B12/MMA test is a pending order; a draft B12 prescription means the deficiency is
@@ -523,6 +741,6 @@ def _draft_orders(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
             if match is not None and validator.ok(res, rtype):
                 col.add("pending-order", Evidence.of("pending-order", match, rtype, _s(res.get("id"))))
         elif rtype == "MedicationRequest":
-            match = _match_medication(knowledge, res).get("b12-replacement")
+            match = _match_medication(knowledge, res, medications).get("b12-replacement")
             if match is not None and validator.ok(res, rtype):
                 col.add("b12-replacement", Evidence.of("b12-replacement", match, rtype, _s(res.get("id"))))

@@ -8,9 +8,18 @@ Each file is a FHIR R4 ValueSet whose `compose.include` lists either
   names the family (used as the label when a record's coding has no display).
 
 Medication value sets also carry `INGREDIENT_EXTENSION` entries (valueString = an ingredient name,
-e.g. "metformin"): records that code a product we do not list (an RxNorm SCD/SBD, a local code)
-or only have text still match by name.  `UNVERIFIED_EXTENSION` holds codes kept for review only;
-they are never indexed, so the matcher ignores them (clinical-codes.json status "unverified").
+e.g. "metformin") and `SYNONYM_EXTENSION` entries (brand names such as "Janumet", spellings such as
+"vit B12", lab test names such as "methylmalonic acid"): records that code a product or test we do
+not list (an RxNorm SCD/SBD, an NDC, the EHR's own orderable code) or only have text still match by
+name, as whole words.  `EXCLUDED_TEXT_EXTENSION` names text that cancels a match by name for that
+value set (a multivitamin "with B12" is not B12 replacement).  Never inventing a product code is
+the point: matching by name is the principled fallback.
+
+A concept may carry `REQUIRES_TEXT_EXTENSION` entries: it then counts only when the record's own
+text (CodeableConcept.text or a coding's display) names one of the phrases.  This is for codes that
+are broader than what the card says (Z90.49 is mostly used after cholecystectomy, E53.8 also
+covers folate).  `UNVERIFIED_EXTENSION` holds codes kept for review only; they are never indexed,
+so the matcher ignores them (clinical-codes.json status "unverified").
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ PREFIX_EXTENSION = f"{BASE_URL}/StructureDefinition/code-prefix"
 INGREDIENT_EXTENSION = f"{BASE_URL}/StructureDefinition/ingredient-name"
 UNVERIFIED_EXTENSION = f"{BASE_URL}/StructureDefinition/unverified-concept"
 PREFIX_DISPLAY_EXTENSION = f"{BASE_URL}/StructureDefinition/code-prefix-display"
+SYNONYM_EXTENSION = f"{BASE_URL}/StructureDefinition/name-synonym"
+EXCLUDED_TEXT_EXTENSION = f"{BASE_URL}/StructureDefinition/excluded-text"
+REQUIRES_TEXT_EXTENSION = f"{BASE_URL}/StructureDefinition/requires-supporting-text"
 
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -37,6 +49,8 @@ VALUESET_NAMES: tuple[str, ...] = (
     "compressive-causes", "red-flags", "diabetes", "metformin", "acid-suppressants",
     "vegan-vegetarian-diet", "malabsorption", "gastric-surgery", "alcohol-use-disorder",
     "b12-deficiency", "b12-replacement", "b12-lab", "mma-lab",
+    "neurological-red-flags", "peripheral-neuropathy", "b12-low-finding", "b12-deficiency-history",
+    "malabsorption-persistent", "absent-answers",
 )
 """The value set names other modules rely on (a contract: file name = ValueSet.id = name)."""
 
@@ -80,6 +94,12 @@ class ValueSetDef:
     """Display of each family, parallel to `prefixes`."""
     ingredient_names: tuple[str, ...] = ()
     """Lower-case ingredient names for text matching of medications."""
+    synonyms: tuple[str, ...] = ()
+    """Lower-case brand names, spellings and test names, matched by text like ingredient names."""
+    excluded_texts: tuple[str, ...] = ()
+    """Lower-case phrases that cancel a match by text for this value set."""
+    text_required: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
+    """(system, code, phrases): concepts that count only with one of the phrases in the record's text."""
 
     def display_for(self, system: str, code: str) -> str | None:
         for s, c, d in self.codes:
@@ -102,7 +122,11 @@ class Knowledge:
     _prefixes: dict[str, dict[str, frozenset[str]]] = field(repr=False)
     _prefix_lengths: dict[str, tuple[int, ...]] = field(repr=False)
     _ingredients: tuple[tuple[str, str], ...] = field(repr=False)
-    """(" name ", value set name), longest names first."""
+    """(" name ", value set name), longest names first (ingredient names and synonyms)."""
+    _excluded: tuple[tuple[str, str], ...] = field(default=(), repr=False)
+    """(" phrase ", value set name): text that cancels a match by text."""
+    _text_required: dict[tuple[str, str], dict[str, tuple[str, ...]]] = field(default_factory=dict, repr=False)
+    """(system, normalized code) -> {value set name: (" phrase ", ...)} for conditional concepts."""
     _cache: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
     """Memo of match_code: records repeat the same few codes (vitals, labs) thousands of times."""
     _text_cache: dict[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
@@ -131,20 +155,31 @@ class Knowledge:
         exact: dict[tuple[str, str], set[str]] = {}
         prefixes: dict[str, dict[str, set[str]]] = {}
         ingredients: list[tuple[str, str]] = []
+        excluded: list[tuple[str, str]] = []
+        text_required: dict[tuple[str, str], dict[str, tuple[str, ...]]] = {}
         for vs in defs.values():
+            for name in vs.synonyms:
+                ingredients.append((normalize_text(name), vs.name))
+            for phrase in vs.excluded_texts:
+                excluded.append((normalize_text(phrase), vs.name))
+            for system, code, phrases in vs.text_required:
+                text_required.setdefault((system, normalize_code(system, code)), {})[vs.name] = tuple(
+                    normalize_text(p) for p in phrases)
             for system, code, _ in vs.codes:
                 exact.setdefault((system, normalize_code(system, code)), set()).add(vs.name)
             for system, prefix in vs.prefixes:
                 prefixes.setdefault(system, {}).setdefault(normalize_code(system, prefix), set()).add(vs.name)
             for name in vs.ingredient_names:
                 ingredients.append((normalize_text(name), vs.name))
-        ingredients.sort(key=lambda item: -len(item[0]))
+        ingredients = sorted(set(ingredients), key=lambda item: (-len(item[0]), item))
         return cls(
             valuesets=dict(defs),
             _exact={k: frozenset(v) for k, v in exact.items()},
             _prefixes={s: {p: frozenset(n) for p, n in m.items()} for s, m in prefixes.items()},
             _prefix_lengths={s: tuple(sorted({len(p) for p in m})) for s, m in prefixes.items()},
             _ingredients=tuple(ingredients),
+            _excluded=tuple(excluded),
+            _text_required=text_required,
         )
 
     # -- lookups ------------------------------------------------------------------------------
@@ -186,10 +221,29 @@ class Knowledge:
         if found is None:
             norm = normalize_text(text)
             found = frozenset(vs for name, vs in self._ingredients if name in norm)
+            if found:
+                cancelled = {vs for phrase, vs in self._excluded if vs in found and phrase in norm}
+                found = found - cancelled
             if len(self._text_cache) >= _CACHE_LIMIT:
                 self._text_cache.clear()
             self._text_cache[text] = found
         return found
+
+    def supported(self, name: str, system: str, code: str, texts: Any) -> bool:
+        """Whether value set `name`'s concept (system, code) counts given the record's own `texts`
+        (concept text, coding displays).  True for every concept without REQUIRES_TEXT_EXTENSION;
+        a conditional one needs one of its phrases, as whole words, in one of the texts."""
+        if not self._text_required:
+            return True
+        phrases = self._text_required.get((system, normalize_code(system, code)), {}).get(name)
+        if phrases is None:
+            return True
+        for text in texts:
+            if type(text) is str and text:
+                norm = normalize_text(text)
+                if any(p in norm for p in phrases):
+                    return True
+        return False
 
     def valueset_codes(self, name: str) -> list[tuple[str, str]]:
         """Exact (system, code) pairs of a value set (no families, no ingredient names): what a
@@ -212,6 +266,7 @@ def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
     codes: list[tuple[str, str, str]] = []
     prefixes: list[tuple[str, str]] = []
     prefix_displays: list[str] = []
+    text_required: list[tuple[str, str, tuple[str, ...]]] = []
     for include in resource.get("compose", {}).get("include", []):
         system = include["system"]
         prefix = _extension_value(include, PREFIX_EXTENSION, "valueString")
@@ -224,11 +279,18 @@ def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
             raise ValueError(f"ValueSet {name}: filter without the {PREFIX_EXTENSION} extension")
         for concept in include.get("concept", []):
             codes.append((system, concept["code"], concept.get("display", concept["code"])))
-    names = tuple(e["valueString"].lower() for e in resource.get("extension", [])
-                  if e.get("url") == INGREDIENT_EXTENSION)
+            phrases = tuple(e["valueString"] for e in concept.get("extension", [])
+                            if e.get("url") == REQUIRES_TEXT_EXTENSION)
+            if phrases:
+                text_required.append((system, concept["code"], phrases))
+    extensions = resource.get("extension", [])
+    names = tuple(e["valueString"].lower() for e in extensions if e.get("url") == INGREDIENT_EXTENSION)
+    synonyms = tuple(e["valueString"].lower() for e in extensions if e.get("url") == SYNONYM_EXTENSION)
+    excluded = tuple(e["valueString"].lower() for e in extensions if e.get("url") == EXCLUDED_TEXT_EXTENSION)
     return ValueSetDef(name=name, title=resource.get("title", name), url=resource.get("url", ""),
                        codes=tuple(codes), prefixes=tuple(prefixes),
-                       prefix_displays=tuple(prefix_displays), ingredient_names=names)
+                       prefix_displays=tuple(prefix_displays), ingredient_names=names,
+                       synonyms=synonyms, excluded_texts=excluded, text_required=tuple(text_required))
 
 
 def _extension_value(element: dict[str, Any], url: str, key: str) -> Any:

@@ -10,6 +10,9 @@ clinician-facing table is docs/rules.md.  Sources (full references in clinical-k
   surgery, vegan diet, age > 75); 180-350 pg/mL -> MMA.
 - ADA Standards of Care / MHRA 2022: B12 in metformin users, especially with neuropathy.
 - Re-test interval 56 days: laboratory minimum re-test interval (Leeds THT), a design choice.
+- Red flags (NHS CKS neck pain; clinical-knowledge.md section 4): myelopathy, cord compression
+  and gait disturbance need urgent assessment; B12 deficiency itself causes myelopathy (subacute
+  combined degeneration), so with a risk factor B12 is checked alongside that assessment.
 """
 
 from __future__ import annotations
@@ -39,6 +42,7 @@ NO_CARD_REASONS: tuple[str, ...] = (NO_NECK_PAIN, ALREADY_HANDLED, NO_RISK_FACTO
 LOW_RESULT = "low-result"
 INDETERMINATE_RESULT = "indeterminate-result"
 RISK_AND_SYMPTOMS = "risk-and-symptoms"
+SUSPECTED_DEFICIENCY = "suspected-deficiency"
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,10 @@ class Decision:
     """The latest banded B12 result within the look-back window, if any."""
     b12_band: Band | None = None
     mma_result: LabResult | None = None
+    recommended: bool = False
+    """Whether the suggested order is pre-selected (CDS Hooks `isRecommended`): only when a NICE
+    NG239-listed symptom no documented cause explains, or a suspected deficiency, is recorded.
+    Chronic neck pain with a risk factor alone asks about symptoms first."""
 
 
 def band_b12(result: LabResult, settings: Settings) -> Band | None:
@@ -91,9 +99,10 @@ def latest_banded_b12(facts: PatientFacts, settings: Settings) -> tuple[LabResul
 
 
 def decide(facts: PatientFacts, settings: Settings) -> Decision:
-    """Apply rules 1-8 of issue #2 in order."""
-    # Rule 1. Neck pain is the trigger; a known deficiency or active replacement means the
-    # question is already answered (NICE NG239: no re-testing on established replacement).
+    """Apply the rules in order (docs/rules.md); the first that decides wins."""
+    # Rule 1. Neck pain is the trigger; a confirmed deficiency or active replacement means the
+    # question is already answered (NICE NG239: no re-testing on established replacement).  A
+    # provisional/differential diagnosis or a low-B12 finding is not "handled" (see rule 3).
     if not facts.neck_pain:
         return Decision(None, NO_NECK_PAIN)
     if facts.already_handled:
@@ -108,14 +117,19 @@ def decide(facts: PatientFacts, settings: Settings) -> Decision:
         return Decision("low-b12", LOW_RESULT, "warning", result, band)
 
     # Rule 3. NICE NG239 / AAFP 2025: test only with >= 1 risk factor (no population screening).
-    if not facts.risk_factors:
+    # A suspected deficiency recorded by a clinician (provisional/differential diagnosis, low-B12
+    # finding) is itself the reason to test: NICE NG239 confirms a suspected deficiency by testing.
+    suspected = bool(facts.suspected_deficiency)
+    if not facts.risk_factors and not suspected:
         return Decision(None, NO_RISK_FACTOR, b12_result=result, b12_band=band)
 
-    # Rule 4. Timing.  Acute neck pain is most often mechanical (NHS CKS neck pain); neck pain is
-    # not itself a NICE NG239 symptom, so we need chronic pain or neuropathic features (NG239
-    # common symptoms: paraesthesia, numbness, peripheral neuropathy).  A documented compressive
-    # cause (disc, spondylosis, stenosis) already explains radicular symptoms.
-    if not (facts.chronic or (facts.neuropathic and not facts.compressive)):
+    # Rule 4. Timing and explanation.  Acute neck pain is most often mechanical (NHS CKS neck
+    # pain); neck pain is not itself a NICE NG239 symptom, so we need chronic pain or a listed
+    # neurological symptom that nothing documented explains: a myelopathy/cord-compression/gait
+    # red flag (subacute combined degeneration can present so; never switched off by acute pain
+    # or a compressive cause), a distal polyneuropathy (a root compression does not explain it),
+    # or paraesthesia/numbness without a documented nerve-root compression.
+    if not (facts.chronic or facts.unexplained_symptoms or suspected):
         return Decision(None, ACUTE_OR_EXPLAINED, b12_result=result, b12_band=band)
 
     # Rule 5. A B12/MMA test already ordered (or being ordered in this session): no duplicate.
@@ -131,7 +145,10 @@ def decide(facts: PatientFacts, settings: Settings) -> Decision:
     if band == "normal":
         return Decision(None, RECENT_NORMAL, b12_result=result, b12_band=band)
 
-    indicator: Literal["info", "warning"] = "warning" if (facts.neuropathic or facts.red_flags) else "info"
+    symptomatic = facts.unexplained_symptoms
+    warning = symptomatic or bool(facts.neuropathic or facts.red_flags) or suspected
+    indicator: Literal["info", "warning"] = "warning" if warning else "info"
+    recommended = symptomatic or suspected
 
     # Rule 7. Indeterminate (180-350 ng/L): MMA is the second-line test (NICE NG239; BSH 2014;
     # AAFP 2025), unless an MMA result dated on/after that B12 result exists.
@@ -139,8 +156,10 @@ def decide(facts: PatientFacts, settings: Settings) -> Decision:
         mma = next((m for m in facts.mma_results if m.on is not None and m.on >= result.on), None)
         if mma is not None:
             return Decision(None, MMA_DONE, b12_result=result, b12_band=band, mma_result=mma)
-        return Decision("mma-test", INDETERMINATE_RESULT, indicator, result, band)
+        return Decision("mma-test", INDETERMINATE_RESULT, indicator, result, band, recommended=recommended)
 
-    # Rule 8. Risk factor + (chronic pain or neuropathic features), no recent result: offer a
-    # serum B12 test (NICE NG239 initial test; BSH 2014 first line; ADA/MHRA for metformin).
-    return Decision("b12-test", RISK_AND_SYMPTOMS, indicator, result, band)
+    # Rule 8. Risk factor + (chronic pain or an unexplained neurological symptom), or a suspected
+    # deficiency, and no recent result: offer a serum B12 test (NICE NG239 initial test; BSH 2014
+    # first line; ADA/MHRA for metformin).
+    reason = SUSPECTED_DEFICIENCY if suspected and not facts.risk_factors else RISK_AND_SYMPTOMS
+    return Decision("b12-test", reason, indicator, result, band, recommended=recommended)

@@ -48,9 +48,11 @@ def service_request_of(card) -> dict:
 def test_b12_card_summary_names_situation_and_top_risk_factors(engine) -> None:
     card = only_card(run(engine, neck_pain(onset_days=200), metformin(),
                          observation(code_text="Diet", value_code=(SNOMED, "1255165006"))))
+    # no NICE-listed symptom documented: the card asks about symptoms and does not pre-select the order
     assert card.summary == ("Chronic neck pain with B12 risk factors (metformin, vegan/vegetarian diet): "
-                            "consider serum vitamin B12")
+                            "ask about neurological symptoms; B12 test if present")
     assert card.indicator == "info"
+    assert card.suggestions[0].isRecommended is False
 
 
 def test_summary_stays_under_140_chars_with_many_risk_factors(engine) -> None:
@@ -111,7 +113,7 @@ def test_detail_is_honest_about_indirect_evidence(engine) -> None:
 def test_advice_does_not_ask_for_symptoms_already_documented(engine) -> None:
     detail = only_card(run(engine, neck_pain(), metformin(), condition("91019004"))).detail  # paresthesia
     assert "Neck pain by itself is not a listed symptom" not in detail
-    assert "such as the neuropathic features above" in detail
+    assert "such as those documented above" in detail
 
 
 def test_risk_factor_evidence_is_listed(engine) -> None:
@@ -169,7 +171,7 @@ def test_safe_text_keeps_plain_text_readable() -> None:
 def test_service_request_is_valid_and_complete(engine) -> None:
     request = hook_request(encounter_id="enc-7", user_id="PractitionerRole/role-3")
     card = only_card(run(engine, neck_pain(id="np-1"), neck_pain(system=ICD10CM, id="np-2"), metformin(),
-                         request=request))
+                         condition("R20.2", ICD10CM), request=request))
     sr = service_request_of(card)
     ServiceRequest.model_validate(sr)
     assert sr["status"] == "draft" and sr["intent"] == "proposal"
@@ -247,6 +249,6 @@ def test_card_texts_cover_every_prefetch_key_and_kind() -> None:
 
 def test_red_flags_lead_the_summary(engine) -> None:
     card = only_card(run(engine, neck_pain(), metformin(), condition("202664003")))  # cervical myelopathy
-    assert card.summary.startswith("Red flags documented, assess urgently")
+    assert card.summary.startswith("Red flags: assess urgently and check B12 alongside")
     assert "metformin" in card.summary and len(card.summary) < 140
     assert card.indicator == "warning"

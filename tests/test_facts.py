@@ -62,8 +62,8 @@ def test_condition_verification_status(derive, verification, counted) -> None:
 
 
 def test_surgical_history_counts_whatever_its_clinical_status(derive) -> None:
-    facts = derive(condition("Z90.3", ICD10CM, clinical="resolved"), condition("34000006", clinical="resolved"))
-    assert risk_keys(facts) == ["gastric-surgery"]  # resolved Crohn's does not count
+    facts = derive(condition("Z90.3", ICD10CM, clinical="resolved"), condition("396331005", clinical="resolved"))
+    assert risk_keys(facts) == ["gastric-surgery"]  # resolved coeliac disease does not count
 
 
 def test_refuted_surgical_history_does_not_count(derive) -> None:
@@ -105,7 +105,11 @@ def test_chronic_neck_pain_code_is_chronic_whatever_the_date(derive) -> None:
 
 
 def test_icd_chronic_pain_code_with_cervicalgia_is_chronic(derive) -> None:
-    assert derive(neck_pain(onset_days=3, system=ICD10CM), condition("G89.29", ICD10CM)).chronic
+    both = neck_pain(onset_days=3, system=ICD10CM)
+    both["code"]["coding"].append({"system": ICD10CM, "code": "G89.29", "display": "Other chronic pain"})
+    assert derive(both).chronic
+    # G89.29 on a Condition of its own says "chronic pain" somewhere, not in the neck
+    assert not derive(neck_pain(onset_days=3, system=ICD10CM), condition("G89.29", ICD10CM)).chronic
 
 
 def test_no_dates_means_not_chronic(derive) -> None:
@@ -240,7 +244,8 @@ def test_risk_factors_are_ordered_strongest_first(derive) -> None:
 # --- already handled -----------------------------------------------------------------------------
 
 @pytest.mark.parametrize("resource", [
-    condition("84027009"), condition("D51.0", ICD10CM), condition("D51.9", ICD10CM), condition("E53.8", ICD10CM),
+    condition("84027009"), condition("D51.0", ICD10CM), condition("D51.9", ICD10CM),
+    condition("E53.8", ICD10CM, text="Vitamin B12 deficiency"),
     condition("190634004"), medication_request("309594"), medication_statement(text="Hydroxocobalamin 1 mg/mL"),
     medication_request(text="methylcobalamin 1500 mcg"),
 ])

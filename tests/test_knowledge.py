@@ -83,8 +83,14 @@ def test_unverified_codes_are_kept_for_review_in_a_separate_extension() -> None:
     (ICD10CM, "M542", {"neck-pain"}),                      # dot-less ICD spelling
     (ICD10CM, "m54.2", {"neck-pain"}),                     # case
     (ICD10CM, "E11.9", {"diabetes"}),                      # family E11
-    (ICD10CM, "E11.42", {"diabetes", "neuropathic-features"}),
-    (ICD10CM, "M50.121", {"neck-pain", "neuropathic-features", "mechanical-causes", "compressive-causes"}),
+    (ICD10CM, "E11.42", {"diabetes", "neuropathic-features", "peripheral-neuropathy"}),
+    # radiculopathy is a compressive (mechanical) explanation and neck pain, not a B12 feature
+    (ICD10CM, "M50.121", {"neck-pain", "mechanical-causes", "compressive-causes"}),
+    (SNOMED, "54404000", {"neck-pain", "mechanical-causes", "compressive-causes"}),
+    (ICD10CM, "M47.812", {"mechanical-causes"}),  # spondylosis without radiculopathy: not compressive
+    (SNOMED, "202664003", {"red-flags", "neurological-red-flags"}),
+    (SNOMED, "22325002", {"red-flags", "neurological-red-flags"}),
+    (ICD10CM, "R26.81", {"red-flags", "neurological-red-flags"}),
     (ICD10CM, "M50.22", {"mechanical-causes", "compressive-causes"}),
     (ICD10CM, "S13.4XXA", {"mechanical-causes"}),
     (ICD10CM, "D51.0", {"b12-deficiency"}),
@@ -121,7 +127,12 @@ def test_malformed_codings_match_nothing(knowledge: Knowledge, system, code) -> 
     ("sitagliptin / metformin 50/1000", {"metformin"}),
     ("ESOMEPRAZOLE 40mg", {"acid-suppressants"}),
     ("Famotidine", {"acid-suppressants"}),
-    ("Vitamin B12 1000 microgram tablets", {"b12-replacement"}),
+    ("Vitamin B12 1000 microgram tablets", {"b12-replacement", "b12-lab"}),  # callers keep their kind
+    ("Vitamin B-12 1000 mcg", {"b12-replacement", "b12-lab"}),
+    ("B12 injection", {"b12-replacement"}),        # giving B12 is not a test
+    ("Janumet 50 mg/1000 mg tablet", {"metformin"}),  # brand name of a combination product
+    ("NEXIUM 40MG", {"acid-suppressants"}),
+    ("Centrum multivitamin with B12", {"b12-lab"}),  # a multivitamin is not B12 replacement
     ("Hydroxocobalamin 1mg/1ml injection", {"b12-replacement"}),
     ("metformine", set()),          # whole words only
     ("paracetamol 500 mg", set()),
