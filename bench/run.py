@@ -19,9 +19,12 @@ from pathlib import Path
 from bench.common import machine
 from bench.patients import all_patients, hook_body
 
-PARTS = ("inproc", "http", "fallback", "startup")
+PARTS = ("inproc", "http", "fallback", "startup", "peer")
 FULL_ITERATIONS = {"small": 2000, "typical": 1000, "large": 300}
 QUICK_ITERATIONS = {"small": 20, "typical": 20, "large": 10}
+PEER_ITERATIONS = {"small": 200, "typical": 40, "large": 5}
+"""The peer takes 30x-300x longer per call: fewer calls keep the run within minutes."""
+PEER_QUICK_ITERATIONS = {"small": 3, "typical": 2, "large": 1}
 
 TARGETS = {
     "typical_p50": 2.0, "typical_p99": 3.0, "large_p99": 3.0, "http_throughput": 0.60,
@@ -178,6 +181,30 @@ def main(argv: list[str] | None = None) -> int:
         out()
         verdicts.append(("start-up (import + create_app)", f"< {TARGETS['startup_s']} s",
                          f"{_fmt(st.total_s, 3)} s", st.total_s < TARGETS["startup_s"]))
+
+    if "peer" in parts:
+        from bench.inproc import run_inprocess
+        from bench.peer import PEER_REQUIREMENT, run_peer
+
+        if "inproc" in parts:
+            service_ms = {r.size: (r.service_p50_ms, r.service_p99_ms) for r in rows}
+        else:
+            own, _ = run_inprocess(patients, iterations, warmup=5 if args.quick else 30)
+            service_ms = {r.size: (r.service_p50_ms, r.service_p99_ms) for r in own}
+        peer_rows = run_peer(patients, PEER_QUICK_ITERATIONS if args.quick else PEER_ITERATIONS, service_ms)
+        out(f"## 5. The peer: HealthChain ({PEER_REQUIREMENT}) CDS Hooks service, same prefetch, in process")
+        out()
+        out("The peer's documented service (`HealthChainAPI` + `CDSHooksService`, prefetch read with")
+        out("`CdsFhirAdapter.parse`, no clinical logic, answers no cards) in its own venv, timed with")
+        out("Starlette's TestClient; the service's numbers are part 1's (Flask test client, full engine).")
+        out()
+        out("| patient | resources | peer calls | peer p50 ms | peer p99 ms | service p50 ms | service p99 ms "
+            "| peer / service (p50) |")
+        out("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        for r in peer_rows:
+            out(f"| {r.size} | {r.resources} | {r.calls} | {_fmt(r.peer_p50_ms)} | {_fmt(r.peer_p99_ms)} "
+                f"| {_fmt(r.service_p50_ms)} | {_fmt(r.service_p99_ms)} | {_fmt(r.ratio_p50, 1)}x |")
+        out()
 
     if verdicts:
         out("## Targets")
