@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import copy
 import json
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
 from cds_service import cli
+from cds_service.http.feedback import FUTURE_SKEW_SECONDS, validate_feedback
+from cds_service.protocol import CdsError
 from cds_service.services import services
 from cds_service.store import IssuedCard
 
@@ -208,6 +211,16 @@ INVALID = {
                                   "feedback[0].outcomeTimestamp"),
     "timestamp impossible hour": ({"feedback": [entry(outcomeTimestamp="2021-12-11T25:05:31Z")]},
                                   "feedback[0].outcomeTimestamp"),
+    "timestamp with Arabic-Indic digits": (
+        {"feedback": [entry(outcomeTimestamp="\u0662\u0660\u0662\u0661-12-11T10:05:31Z")]},
+        "feedback[0].outcomeTimestamp"),
+    "timestamp with full-width digits": (
+        {"feedback": [entry(outcomeTimestamp="2021-12-11T\uff11\uff10:05:31Z")]},
+        "feedback[0].outcomeTimestamp"),
+    "timestamp far in the future": ({"feedback": [entry(outcomeTimestamp="2999-01-01T00:00:00Z")]},
+                                    "feedback[0].outcomeTimestamp"),
+    "timestamp next year": ({"feedback": [entry(outcomeTimestamp=f"{date.today().year + 1}-06-01T00:00:00Z")]},
+                            "feedback[0].outcomeTimestamp"),
     "timestamp epoch number": ({"feedback": [entry(outcomeTimestamp=1639217131)]},
                                "feedback[0].outcomeTimestamp"),
     "timestamp too long": ({"feedback": [entry(outcomeTimestamp="2021-12-11T10:05:31." + "1" * 60 + "Z")]},
@@ -370,3 +383,23 @@ def test_feedback_report_command(app, store, client, monkeypatch, capsys):
     assert json.loads(capsys.readouterr().out)["kinds"] == []
     with pytest.raises(SystemExit):
         cli.main(["feedback-report", "--since", "soon"])
+
+
+def test_future_timestamps_are_accepted_only_within_the_clock_skew_allowance():
+    now = datetime(2026, 1, 1, 12, 0, 0, tzinfo=timezone.utc)
+
+    def check(moment: datetime) -> None:
+        ts = moment.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+        validate_feedback({"feedback": [entry(outcomeTimestamp=ts)]}, now=now)
+
+    check(now + timedelta(seconds=FUTURE_SKEW_SECONDS))  # an EHR clock a little ahead
+    check(now - timedelta(days=3650))  # old feedback is fine
+    with pytest.raises(CdsError) as err:
+        check(now + timedelta(seconds=FUTURE_SKEW_SECONDS, microseconds=1))
+    assert err.value.status == 400 and err.value.expression == "feedback[0].outcomeTimestamp"
+
+
+@pytest.mark.parametrize("since", ["\u0662\u0660\u0662\u0661-01-01", "2021-\uff10\uff11-01"])
+def test_report_since_with_non_ascii_digits_is_400(client, since):
+    resp = client.get("/admin/feedback-report", query_string={"since": since})
+    assert assert_outcome(resp, 400)["expression"] == ["since"]

@@ -9,7 +9,7 @@ transaction (idempotently) and answered `200 {}`.
 from __future__ import annotations
 
 import re
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from typing import Any
 
 from flask import Blueprint, Response, request
@@ -34,11 +34,16 @@ MAX_SYSTEM_LENGTH = 2048
 MAX_CODE_LENGTH = 256
 MAX_DISPLAY_LENGTH = 1024
 
+FUTURE_SKEW_SECONDS = 300
+"""How far in the future (by this server's clock) an `outcomeTimestamp` may be: EHR clocks
+drift, but feedback describes something a clinician already did."""
+
 # RFC 3339 section 5.6 date-time, restricted to UTC (`Z` or a zero offset) as CDS Hooks requires.
+# re.ASCII: RFC 3339's DIGIT is 0-9 only; without it `\d` (and int()) accept e.g. Arabic-Indic digits.
 _RFC3339_UTC = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]00:00)$")
-_RFC3339_ANY_OFFSET = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?[+-]\d{2}:\d{2}$")
-_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+    r"^(\d{4})-(\d{2})-(\d{2})[Tt](\d{2}):(\d{2}):(\d{2})(\.\d{1,9})?([Zz]|[+-]00:00)$", re.ASCII)
+_RFC3339_ANY_OFFSET = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt]\d{2}:\d{2}:\d{2}(\.\d+)?[+-]\d{2}:\d{2}$", re.ASCII)
+_ISO_DATE = re.compile(r"^\d{4}-\d{2}-\d{2}$", re.ASCII)
 
 
 @blueprint.post("/cds-services/<service_id>/feedback")
@@ -87,14 +92,16 @@ def parse_since(value: str | None) -> date | None:
         raise bad_request("since must be a date (YYYY-MM-DD)", "since") from None
 
 
-def validate_feedback(body: Any, *, max_comment_length: int = 4096) -> list[dict[str, Any]]:
+def validate_feedback(body: Any, *, max_comment_length: int = 4096,
+                      now: datetime | None = None) -> list[dict[str, Any]]:
     """Check a feedback body against CDS Hooks 2.0 (cds-fb-1..3) and return its entries, cleaned.
 
     Raises a 400 `CdsError` naming the first offending field, e.g. `feedback[2].outcome`.
     Cleaned entries keep only the members the store uses; `outcomeTimestamp` is rewritten in
     the store's fixed-width UTC form (`2021-12-11T10:05:31.000000Z`), so equal instants compare
     equal for idempotency.
-    Unknown members (including `extension`) are tolerated, as the spec requires.
+    A timestamp more than `FUTURE_SKEW_SECONDS` after `now` (default: this server's clock) is
+    rejected.  Unknown members (including `extension`) are tolerated, as the spec requires.
     """
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
@@ -103,10 +110,12 @@ def validate_feedback(body: Any, *, max_comment_length: int = 4096) -> list[dict
         raise bad_request("feedback must be a non-empty array", "feedback")
     if len(raw) > MAX_ENTRIES:
         raise bad_request(f"feedback has more than {MAX_ENTRIES} entries", "feedback")
-    return [_validate_entry(entry, f"feedback[{i}]", max_comment_length) for i, entry in enumerate(raw)]
+    latest = (now or datetime.now(timezone.utc)) + timedelta(seconds=FUTURE_SKEW_SECONDS)
+    return [_validate_entry(entry, f"feedback[{i}]", max_comment_length, latest)
+            for i, entry in enumerate(raw)]
 
 
-def _validate_entry(entry: Any, where: str, max_comment_length: int) -> dict[str, Any]:
+def _validate_entry(entry: Any, where: str, max_comment_length: int, latest: datetime) -> dict[str, Any]:
     if not isinstance(entry, dict):
         raise bad_request(f"{where} must be an object", where)
     _check_extension(entry, where)
@@ -135,7 +144,7 @@ def _validate_entry(entry: Any, where: str, max_comment_length: int) -> dict[str
                                                      max_comment_length)
 
     timestamp = _string(entry, "outcomeTimestamp", where, 64)
-    cleaned["outcomeTimestamp"] = _utc_timestamp(timestamp, f"{where}.outcomeTimestamp")
+    cleaned["outcomeTimestamp"] = _utc_timestamp(timestamp, f"{where}.outcomeTimestamp", latest)
     return cleaned
 
 
@@ -208,8 +217,9 @@ def _check_extension(obj: dict[str, Any], where: str) -> None:
         raise bad_request(f"{where}.extension must be an object", f"{where}.extension")
 
 
-def _utc_timestamp(value: str, where: str) -> str:
-    """Check an RFC 3339 UTC date-time; return it in the store's fixed-width UTC form."""
+def _utc_timestamp(value: str, where: str, latest: datetime) -> str:
+    """Check an RFC 3339 UTC date-time not after `latest`; return it in the store's fixed-width
+    UTC form."""
     match = _RFC3339_UTC.match(value)
     if not match:
         if _RFC3339_ANY_OFFSET.match(value):
@@ -224,4 +234,7 @@ def _utc_timestamp(value: str, where: str) -> str:
         moment = datetime(year, month, day, hour, minute, second, micros, tzinfo=timezone.utc)
     except ValueError:
         raise bad_request(f"{where} is not a valid date-time", where) from None
+    if moment > latest:
+        raise bad_request(f"{where} is in the future (more than {FUTURE_SKEW_SECONDS} s after "
+                          "this server's clock)", where)
     return timestamp_text(moment)
