@@ -5,7 +5,8 @@
 * uses an asymmetric algorithm (ES*, RS*, PS*; never `none` or HMAC) and, if `typ` is present, `typ: JWT`;
 * names a trusted issuer (`CDS_TRUSTED_ISSUERS`, plus the built-in demo issuer in demo mode);
 * is signed by the key its `kid` selects in that issuer's JWKS: the configured `jwks` (URL or file path),
-  or the header's `jku` only when that URL is on the issuer's `jku` allowlist;
+  or the header's `jku` only when that URL is on the issuer's `jku` allowlist (the configured `jwks` is
+  tried first even then, so a pinned key set serves such tokens without fetching the `jku`);
 * has `aud` equal to the URL being called (`CDS_PUBLIC_BASE_URL` + path behind a proxy);
 * has `exp` in the future, `iat` not in the future (both with `CDS_JWT_LEEWAY_SECONDS`), a lifetime of at
   most `MAX_TOKEN_LIFETIME_SECONDS`, a `jti` never seen before (shared replay cache in the store) and, when
@@ -358,14 +359,21 @@ class RequestVerifier:
             raise AuthFailure("jku_not_allowed")
         if issuer.static_keys is not None:
             jwk = issuer.static_keys.get(kid)
+        elif issuer.jwks is None and jku is None:  # only a jku allowlist, and the token has none
+            raise AuthFailure("no_key_source")
         else:
-            location = jku or issuer.jwks
-            if location is None:  # only a jku allowlist is configured, and the token has no jku
-                raise AuthFailure("no_key_source")
-            try:
-                jwk = self.jwks_cache(location).get(kid)
-            except JwksUnavailable:
-                raise AuthFailure("jwks_unavailable") from None
+            # The configured (pinned) JWKS first, even when the token names an allowlisted `jku`:
+            # a deployment can then trust an issuer offline, with no fetch of the `jku` URL.
+            jwk = None
+            for location in dict.fromkeys(loc for loc in (issuer.jwks, jku) if loc is not None):
+                try:
+                    jwk = self.jwks_cache(location).get(kid)
+                except JwksUnavailable:
+                    if jku is None or location == jku:
+                        raise AuthFailure("jwks_unavailable") from None
+                    continue  # the pinned set is unreadable: the allowlisted jku may still serve
+                if jwk is not None:
+                    break
         if jwk is None:
             raise AuthFailure("unknown_kid")
         return jwk

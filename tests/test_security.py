@@ -202,6 +202,42 @@ def test_sandbox_shaped_token_is_accepted_via_allowlisted_jku(tmp_path: Path, se
     assert claims["exp"] - claims["iat"] == 300
 
 
+def test_pinned_jwks_serves_tokens_with_an_allowlisted_jku_without_fetching_it(
+        tmp_path: Path, server: HTTPServer) -> None:
+    """Trusting the CDS Hooks Sandbox offline: its key pinned in a file, its `jku` allowlisted;
+    the sandbox's tokens (which always carry that `jku`) verify with no outbound request."""
+    jku = server.url_for("/.well-known/jwks.json")
+    sandbox = sandbox_issuer(jku)
+    server.expect_request("/.well-known/jwks.json").respond_with_json(sandbox.jwks)
+    trusted = trusted_issuers_json((sandbox, sandbox.entry(jwks=write_jwks(tmp_path, sandbox), jku=[jku])))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+    for _ in range(3):
+        assert call(verifier, sandbox.token(AUD))["iss"] == SANDBOX_ISSUER
+    assert len(server.log) == 0, "the pinned JWKS had the kid: the jku must not be fetched"
+
+
+def test_allowlisted_jku_still_serves_a_kid_the_pinned_jwks_lacks(tmp_path: Path, server: HTTPServer) -> None:
+    jku = server.url_for("/.well-known/jwks.json")
+    sandbox = sandbox_issuer(jku)
+    other = make_issuer("ES384", iss=sandbox.iss, kid="older-key")
+    server.expect_request("/.well-known/jwks.json").respond_with_json(sandbox.jwks)
+    trusted = trusted_issuers_json((sandbox, sandbox.entry(jwks=write_jwks(tmp_path, other), jku=[jku])))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+    assert call(verifier, sandbox.token(AUD))["iss"] == SANDBOX_ISSUER
+    assert len(server.log) == 1
+
+
+def test_pinned_jwks_does_not_widen_the_jku_allowlist(tmp_path: Path, server: HTTPServer,
+                                                      auth_log: LogCapture) -> None:
+    jku = server.url_for("/.well-known/jwks.json")
+    sandbox = sandbox_issuer(jku)
+    trusted = trusted_issuers_json((sandbox, sandbox.entry(jwks=write_jwks(tmp_path, sandbox),
+                                                           jku=[server.url_for("/other/jwks.json")])))
+    verifier = RequestVerifier(settings_for(tmp_path, trusted), MemoryJtiStore())
+    assert_rejected(verifier, sandbox.token(AUD), "jku_not_allowed", auth_log)
+    assert len(server.log) == 0
+
+
 def test_aud_may_be_an_array_containing_the_endpoint(tmp_path: Path, ehr: SigningIssuer) -> None:
     verifier = file_verifier(tmp_path, ehr)
     assert call(verifier, ehr.token(["https://other.example.org/x", AUD])) is not None
