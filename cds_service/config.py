@@ -75,6 +75,12 @@ class Settings:
     auth_disabled: bool = False
     trusted_issuers: str = "{}"
     """JSON object: issuer -> {"jwks": URL or file path, "jku": [allowed URLs], "tenants": [...]}."""
+    admin_issuers: str = "{}"
+    """JSON object like `trusted_issuers`: issuers whose tokens may read the feedback report (and
+    nothing else).  With neither this nor `admin_scope` set, the report is closed to everyone."""
+    admin_scope: str = ""
+    """A scope that a token must carry (in its space-separated `scope` claim) to read the report;
+    when set it is required of every report token, from any trusted or admin issuer."""
     public_base_url: str = ""
     """Externally visible base URL (scheme://host[:port][/prefix]) used for the JWT `aud` check."""
     jwt_leeway_seconds: int = 60
@@ -131,6 +137,13 @@ class Settings:
         parsed = json.loads(self.trusted_issuers or "{}")
         if not isinstance(parsed, dict):
             raise ValueError("CDS_TRUSTED_ISSUERS must be a JSON object")
+        return parsed
+
+    @property
+    def admin_issuer_map(self) -> dict[str, dict[str, Any]]:
+        parsed = json.loads(self.admin_issuers or "{}")
+        if not isinstance(parsed, dict):
+            raise ValueError("CDS_ADMIN_ISSUERS must be a JSON object")
         return parsed
 
 

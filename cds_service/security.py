@@ -200,23 +200,23 @@ class TrustedIssuer:
     static_keys: Mapping[str, dict[str, Any]] | None = None  # in-process keys (the demo issuer)
 
     @classmethod
-    def from_config(cls, issuer: str, entry: Any) -> "TrustedIssuer":
+    def from_config(cls, issuer: str, entry: Any, setting: str = "CDS_TRUSTED_ISSUERS") -> "TrustedIssuer":
         """Validate one `issuer -> {"jwks": ..., "jku": [...], "tenants": [...]}` entry."""
         if not isinstance(entry, dict):
-            raise ValueError(f"CDS_TRUSTED_ISSUERS[{issuer!r}] must be an object")
+            raise ValueError(f"{setting}[{issuer!r}] must be an object")
         unknown = set(entry) - {"jwks", "jku", "tenants"}
         if unknown:
-            raise ValueError(f"CDS_TRUSTED_ISSUERS[{issuer!r}]: unknown keys {sorted(unknown)}")
+            raise ValueError(f"{setting}[{issuer!r}]: unknown keys {sorted(unknown)}")
         jwks = entry.get("jwks")
         if jwks is not None and (not isinstance(jwks, str) or not jwks):
-            raise ValueError(f"CDS_TRUSTED_ISSUERS[{issuer!r}].jwks must be a URL or file path")
-        jku = _string_list(entry.get("jku", []), f"CDS_TRUSTED_ISSUERS[{issuer!r}].jku")
+            raise ValueError(f"{setting}[{issuer!r}].jwks must be a URL or file path")
+        jku = _string_list(entry.get("jku", []), f"{setting}[{issuer!r}].jku")
         if any(not is_url(u) for u in jku):
-            raise ValueError(f"CDS_TRUSTED_ISSUERS[{issuer!r}].jku must list http(s) URLs")
+            raise ValueError(f"{setting}[{issuer!r}].jku must list http(s) URLs")
         if jwks is None and not jku:
-            raise ValueError(f"CDS_TRUSTED_ISSUERS[{issuer!r}] needs a jwks location or a jku allowlist")
+            raise ValueError(f"{setting}[{issuer!r}] needs a jwks location or a jku allowlist")
         tenants = entry.get("tenants")
-        tenant_set = (frozenset(_string_list(tenants, f"CDS_TRUSTED_ISSUERS[{issuer!r}].tenants"))
+        tenant_set = (frozenset(_string_list(tenants, f"{setting}[{issuer!r}].tenants"))
                       if tenants is not None else None)
         return cls(issuer=issuer, jwks=jwks, jku=frozenset(jku), tenants=tenant_set)
 
@@ -240,6 +240,15 @@ def load_trusted_issuers(settings: Settings) -> dict[str, TrustedIssuer]:
     return {iss: TrustedIssuer.from_config(iss, entry) for iss, entry in raw.items()}
 
 
+def load_admin_issuers(settings: Settings) -> dict[str, TrustedIssuer]:
+    """Parse and validate `settings.admin_issuers` (same shape as `CDS_TRUSTED_ISSUERS`)."""
+    try:
+        raw = settings.admin_issuer_map
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"CDS_ADMIN_ISSUERS is not valid JSON: {exc.msg}") from None
+    return {iss: TrustedIssuer.from_config(iss, entry, "CDS_ADMIN_ISSUERS") for iss, entry in raw.items()}
+
+
 def expected_audience(settings: Settings, request: Any) -> str:
     """The `aud` a token must carry for this request: the URL being called."""
     base = settings.public_base_url.rstrip("/") if settings.public_base_url else request.host_url.rstrip("/")
@@ -260,11 +269,16 @@ class RequestVerifier:
         self.store = store
         self._clock = clock
         self.issuers: dict[str, TrustedIssuer] = load_trusted_issuers(settings)
+        self.admin_issuers: dict[str, TrustedIssuer] = load_admin_issuers(settings)
         self.demo_issuer: DemoIssuer | None = None
         if settings.demo_mode:
             self.demo_issuer = DemoIssuer(settings)
-            self.issuers[DemoIssuer.ISSUER] = TrustedIssuer(
-                issuer=DemoIssuer.ISSUER, static_keys={self.demo_issuer.kid: self.demo_issuer.public_jwk})
+            demo_keys = {self.demo_issuer.kid: self.demo_issuer.public_jwk}
+            self.issuers[DemoIssuer.ISSUER] = TrustedIssuer(issuer=DemoIssuer.ISSUER, static_keys=demo_keys)
+            # A separate issuer name for the demo's report tokens: hook tokens are not admin tokens.
+            self.admin_issuers[DemoIssuer.ADMIN_ISSUER] = TrustedIssuer(
+                issuer=DemoIssuer.ADMIN_ISSUER, static_keys=demo_keys)
+        self._report_issuers = {**self.issuers, **self.admin_issuers}
         self._caches: dict[str, JwksCache] = {}
         self._caches_lock = threading.Lock()
         if not settings.auth_disabled:
@@ -272,6 +286,10 @@ class RequestVerifier:
                 log.warning("no_trusted_issuers", extra={
                     "event": "no_trusted_issuers",
                     "detail": "CDS_TRUSTED_ISSUERS is empty: every hook and feedback call will get 401"})
+            if not self.admin_issuers and not settings.admin_scope:
+                log.info("admin_report_closed", extra={
+                    "event": "admin_report_closed",
+                    "detail": "no CDS_ADMIN_ISSUERS or CDS_ADMIN_SCOPE: /admin/feedback-report answers 403"})
             if not settings.public_base_url:
                 log.info("public_base_url_unset", extra={
                     "event": "public_base_url_unset",
@@ -288,15 +306,45 @@ class RequestVerifier:
             log.warning("auth_disabled", extra={"event": "auth_disabled", "path": request.path,
                                                 "detail": "JWT verification is OFF (CDS_AUTH_DISABLED=1)"})
             return None
+        claims, _issuer = self._verified(request, self.issuers)
+        return claims
+
+    def verify_admin(self, request: Any) -> dict[str, Any] | None:
+        """Verified claims of an admin token (the feedback report); None when auth is disabled.
+
+        The token must verify as for `verify`, from a hook issuer or a `CDS_ADMIN_ISSUERS` one
+        (else 401), and be an admin token (else 403): it carries `CDS_ADMIN_SCOPE` when that is
+        set, otherwise it comes from an admin issuer.  Nothing configured: every token gets 403.
+        """
+        if self.settings.auth_disabled:
+            return self.verify(request)
+        claims, issuer = self._verified(request, self._report_issuers)
+        scope = self.settings.admin_scope
+        if scope:
+            granted = claims.get("scope")
+            scopes = granted.split() if isinstance(granted, str) else (
+                granted if isinstance(granted, list) else [])
+            allowed, reason = scope in scopes, "admin_scope_missing"
+        else:
+            allowed, reason = issuer.issuer in self.admin_issuers, "not_admin_issuer"
+        if not allowed:
+            log.warning("forbidden", extra={"event": "admin_forbidden", "reason": reason,
+                                            "path": request.path, "iss": _loggable(issuer.issuer, 200),
+                                            "jti": _loggable(claims["jti"], 80)})
+            raise CdsError(403, "this needs an admin token (see CDS_ADMIN_ISSUERS and CDS_ADMIN_SCOPE)")
+        return claims
+
+    def _verified(self, request: Any, issuers: Mapping[str, TrustedIssuer]
+                  ) -> tuple[dict[str, Any], TrustedIssuer]:
         context: dict[str, str] = {}
         try:
-            claims = self._verify(request, context)
+            claims, issuer = self._verify(request, context, issuers)
         except AuthFailure as failure:
             log.warning("unauthorized", extra={"event": "auth_rejected", "reason": failure.reason,
                                                "path": request.path, **context})
             raise CdsError(401, "unauthorized") from None
         log.debug("authorized", extra={"event": "auth_ok", "path": request.path, **context})
-        return claims
+        return claims, issuer
 
     def jwks_cache(self, location: str) -> JwksCache:
         """The shared cache for a JWKS location (created on first use)."""
@@ -309,18 +357,19 @@ class RequestVerifier:
 
     # -- steps -------------------------------------------------------------------------------
 
-    def _verify(self, request: Any, context: dict[str, str]) -> dict[str, Any]:
+    def _verify(self, request: Any, context: dict[str, str], issuers: Mapping[str, TrustedIssuer]
+                ) -> tuple[dict[str, Any], TrustedIssuer]:
         token = bearer_token(request.headers.get("Authorization"))
         header = self._checked_header(token)
         context["kid"] = _loggable(header["kid"], 80)
-        issuer = self._trusted_issuer(token)
+        issuer = self._trusted_issuer(token, issuers)
         context["iss"] = _loggable(issuer.issuer, 200)
         jwk = self._signing_key(issuer, header)
         claims = self._decode(token, jwk, header["alg"], issuer.issuer, expected_audience(self.settings, request))
         context["jti"] = _loggable(claims["jti"], 80)
         self._check_tenant(issuer, claims)
         self._check_not_replayed(issuer.issuer, claims)
-        return claims
+        return claims, issuer
 
     def _checked_header(self, token: str) -> dict[str, Any]:
         try:
@@ -341,13 +390,13 @@ class RequestVerifier:
             raise AuthFailure("unsupported_crit")
         return header
 
-    def _trusted_issuer(self, token: str) -> TrustedIssuer:
+    def _trusted_issuer(self, token: str, issuers: Mapping[str, TrustedIssuer]) -> TrustedIssuer:
         try:
             unverified = jwt.decode(token, options={"verify_signature": False})
         except jwt.PyJWTError:
             raise AuthFailure("malformed_token") from None
         iss = unverified.get("iss")
-        issuer = self.issuers.get(iss) if isinstance(iss, str) else None
+        issuer = issuers.get(iss) if isinstance(iss, str) else None
         if issuer is None:
             raise AuthFailure("unknown_iss")
         return issuer
@@ -455,6 +504,8 @@ class DemoIssuer:
     """A stand-in EHR signer for demo mode: one ES384 key per data directory, shared by all workers."""
 
     ISSUER = "urn:b12-neck-cds:demo-ehr"
+    ADMIN_ISSUER = "urn:b12-neck-cds:demo-admin"
+    """The `iss` of the demo's report tokens (an admin issuer in demo mode, not a hook issuer)."""
     ALGORITHM = "ES384"
     KEY_FILE = "demo-issuer-es384.pem"
     TOKEN_LIFETIME_SECONDS = 300
@@ -463,6 +514,7 @@ class DemoIssuer:
         self._private_key = _load_or_create_key(Path(settings.data_dir) / self.KEY_FILE)
         public = ECAlgorithm.to_jwk(self._private_key.public_key(), as_dict=True)
         self.kid = jwk_thumbprint(public)
+        self._admin_scope = settings.admin_scope
         self.public_jwk: dict[str, Any] = {**public, "kid": self.kid, "alg": self.ALGORITHM, "use": "sig"}
 
     @property
@@ -470,11 +522,14 @@ class DemoIssuer:
         """The public JWKS document (for a demo `/.well-known/jwks.json`, if one is served)."""
         return {"keys": [dict(self.public_jwk)]}
 
-    def mint(self, audience: str) -> str:
-        """A short-lived token for a call to `audience` (the full URL), shaped like an EHR's."""
+    def mint(self, audience: str, *, admin: bool = False) -> str:
+        """A short-lived token for a call to `audience` (the full URL), shaped like an EHR's;
+        `admin`: a report token (demo admin issuer, and `CDS_ADMIN_SCOPE` when one is set)."""
         now = int(time.time())
-        claims = {"iss": self.ISSUER, "aud": audience, "iat": now, "exp": now + self.TOKEN_LIFETIME_SECONDS,
-                  "jti": uuid.uuid4().hex}
+        claims: dict[str, Any] = {"iss": self.ADMIN_ISSUER if admin else self.ISSUER, "aud": audience,
+                                  "iat": now, "exp": now + self.TOKEN_LIFETIME_SECONDS, "jti": uuid.uuid4().hex}
+        if admin and self._admin_scope:
+            claims["scope"] = self._admin_scope
         return jwt.encode(claims, self._private_key, algorithm=self.ALGORITHM,
                           headers={"kid": self.kid, "typ": "JWT"})
 

@@ -65,9 +65,11 @@ def post_feedback(service_id: str) -> Response:
 @blueprint.get("/admin/feedback-report")
 def feedback_report() -> Response:
     """The acceptance report (`?since=YYYY-MM-DD` limits it to cards issued since): JSON, or an
-    HTML page with charts when the client prefers text/html (a browser)."""
+    HTML page with charts when the client prefers text/html (a browser).
+
+    Needs an admin token, not merely a hook-capable one (`RequestVerifier.verify_admin`)."""
     s = services()
-    s.verifier.verify(request)
+    s.verifier.verify_admin(request)
     unknown = sorted(set(request.args) - {"since"})
     if unknown:
         raise bad_request("unknown query parameter; only 'since' is supported", unknown[0][:64])
