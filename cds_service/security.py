@@ -12,6 +12,10 @@
   most `MAX_TOKEN_LIFETIME_SECONDS`, a `jti` never seen before (shared replay cache in the store) and, when
   the issuer has a `tenants` list, a `tenant` on it.
 
+`RequestVerifier.verify_admin(request)` (the feedback report) verifies the same way against the hook issuers
+plus `CDS_ADMIN_ISSUERS`, then requires an admin token: `CDS_ADMIN_SCOPE` in its `scope` claim when that is
+set, otherwise an admin issuer; else `CdsError(403)`.  Nothing configured: the report is closed.
+
 Any failure raises `CdsError(401, "unauthorized")` after one log line with a fixed reason code; the token and
 unverified claim values are never logged (only a trusted `iss`, a sanitised `kid`, and a verified `jti`).
 
