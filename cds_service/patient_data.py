@@ -44,7 +44,7 @@ from urllib.parse import quote
 import orjson
 import requests
 
-from cds_service import fhir_url
+from cds_service import facts, fhir_url
 from cds_service.config import Settings
 from cds_service.deadline_http import JOIN_GRACE_SECONDS, AbortableAdapter, CallAbort
 from cds_service.logs import get_logger
@@ -94,37 +94,85 @@ def _token_list(codes: Iterable[tuple[str, str]]) -> str:
     return ",".join(sorted({_fhir_token_value(s, c) for s, c in codes if c}))
 
 
+@dataclass(frozen=True)
+class SearchSpec:
+    """One prefetch key's search, stated in terms of what the fact matcher reads.
+
+    `valuesets` are the matcher's value sets (taken from the `facts` constants, never listed
+    here) that this search exists to find.  With a `param`, the search is a token equality list
+    of their exact codes on that parameter; without one it is unfiltered and `unfiltered_because`
+    says why a code filter would lose entries the matcher accepts.
+    """
+
+    resource_type: str
+    valuesets: frozenset[str]
+    param: str | None = None
+    """Token search parameter for the value sets' codes; None: no code filter."""
+    status: frozenset[str] = frozenset()
+    """`status` filter (a facts constant: the statuses the matcher counts); empty: none."""
+    sort: str = ""
+    count: int = CODED_SEARCH_COUNT
+    unfiltered_because: str = ""
+
+
+SEARCHES: dict[str, SearchSpec] = {
+    "conditions": SearchSpec(
+        "Condition", facts.CONDITION_SETS, count=SEARCH_COUNT,
+        unfiltered_because="ICD-10-CM families (E11, K50...) cannot be a token search; dot-less "
+                           "and lower-case ICD-10-CM spellings; resolved surgical history still counts"),
+    "labResults": SearchSpec("Observation", facts.LAB_SETS, "code", sort="-date"),
+    # Findings by code and by value: the matcher reads every FINDING_SETS set both ways (a diet
+    # recorded as an Observation *coded* "vegetarian diet", or a "diet" Observation whose value
+    # is "vegan diet"; a neurological exam whose value is "paraesthesia").
+    "findings": SearchSpec("Observation", facts.FINDING_SETS, "code"),
+    "findingValues": SearchSpec("Observation", facts.FINDING_SETS, "value-concept"),
+    "medicationRequests": SearchSpec(
+        "MedicationRequest", facts.MEDICATION_SETS, count=SEARCH_COUNT,
+        unfiltered_because="medications match by ingredient name in text, by product codes we do "
+                           "not list, and by reference to a Medication (its code is not on the request)"),
+    "medicationStatements": SearchSpec(
+        "MedicationStatement", facts.MEDICATION_SETS, count=SEARCH_COUNT,
+        unfiltered_because="as medicationRequests"),
+    "procedures": SearchSpec(
+        "Procedure", frozenset({facts.SURGERY_SET}), count=SEARCH_COUNT,
+        unfiltered_because="surgical history is small and coded with local procedure codes"),
+    "serviceRequests": SearchSpec("ServiceRequest", facts.LAB_SETS, "code", status=facts.PENDING_ORDER),
+}
+"""Prefetch key -> its search.  A value set added to a facts constant flows into discovery and
+fallback with no edit here; tests/test_query_coverage.py fails when the matcher reads a value
+set (or a resource) that no search here asks for."""
+
+
 def build_prefetch_templates(valueset_codes: Callable[[str], list[tuple[str, str]]]) -> dict[str, str]:
-    """The discovery prefetch templates, one per `record.PREFETCH_KEYS` entry.
+    """The discovery prefetch templates, one per `record.PREFETCH_KEYS` entry, from `SEARCHES`.
 
     Only the spec's "valid" template subset is used: an instance read, type searches by
     `patient`, token equality lists (`system|code,...`), `_count` and `_sort`.  Code filters come
     from the value sets via `valueset_codes(name) -> [(system, code), ...]`; a value set that
     yields no codes leaves its search unfiltered (a superset: the rules match codes themselves)
-    and logs a warning.
+    and logs a warning.  The fallback runs these same templates, so the two modes ask for the
+    same data.
     """
     patient = "patient={{context.patientId}}"
 
-    def coded(resource: str, param: str, valuesets: tuple[str, ...], extra: str = "",
-              count: int = CODED_SEARCH_COUNT) -> str:
-        codes = _token_list(c for name in valuesets for c in valueset_codes(name))
-        if not codes:
-            log.warning("valueset_empty", extra={"event": "valueset_empty", "detail": ",".join(valuesets)})
-            return f"{resource}?{patient}{extra}&_count={count}"
-        return f"{resource}?{patient}&{param}={codes}{extra}&_count={count}"
+    def search(spec: SearchSpec) -> str:
+        parts = [f"{spec.resource_type}?{patient}"]
+        if spec.param:
+            names = sorted(spec.valuesets)
+            codes = _token_list(c for name in names for c in valueset_codes(name))
+            if codes:
+                parts.append(f"{spec.param}={codes}")
+            else:
+                log.warning("valueset_empty", extra={"event": "valueset_empty", "detail": ",".join(names)})
+        if spec.status:
+            parts.append("status=" + ",".join(sorted(spec.status)))
+        if spec.sort:
+            parts.append(f"_sort={spec.sort}")
+        parts.append(f"_count={spec.count}")
+        return "&".join(parts)
 
-    lab_sets = ("b12-lab", "mma-lab")
-    templates = {
-        "patient": "Patient/{{context.patientId}}",
-        "conditions": f"Condition?{patient}&_count={SEARCH_COUNT}",
-        "labResults": coded("Observation", "code", lab_sets, "&_sort=-date"),
-        "findings": coded("Observation", "code", ("neuropathic-features",)),
-        "findingValues": coded("Observation", "value-concept", ("vegan-vegetarian-diet",)),
-        "medicationRequests": f"MedicationRequest?{patient}&_count={SEARCH_COUNT}",
-        "medicationStatements": f"MedicationStatement?{patient}&_count={SEARCH_COUNT}",
-        "procedures": f"Procedure?{patient}&_count={SEARCH_COUNT}",
-        "serviceRequests": coded("ServiceRequest", "code", lab_sets, "&status=active,on-hold"),
-    }
+    templates = {"patient": "Patient/{{context.patientId}}"}
+    templates.update((key, search(spec)) for key, spec in SEARCHES.items())
     assert tuple(templates) == PREFETCH_KEYS, "templates must cover exactly record.PREFETCH_KEYS"
     return templates
 
