@@ -332,6 +332,48 @@ def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData) -> None:
         into.skipped += 1
 
 
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
+_MEDICATION_HOLDERS = frozenset({"MedicationRequest", "MedicationStatement"})
+_MEDICATION_JOB = "medication-references-"
+MEDICATION_BATCH = 50
+"""Medication ids per `Medication?_id=` read (keeps the URL short)."""
+MEDICATION_BATCHES = 4
+"""Reads of referenced Medications per hook call (so at most 200 distinct Medications)."""
+
+
+def _medication_id(reference: str, server: str | None) -> str | None:
+    """The id of a `Medication/<id>` reference (relative, or absolute under `server`), else None."""
+    path = reference.split("/_history/", 1)[0]
+    base = (server or "").rstrip("/")
+    if base and path.startswith(base + "/"):
+        path = path[len(base) + 1:]
+    rtype, _, mid = path.partition("/")
+    return mid if rtype == "Medication" and _FHIR_ID.fullmatch(mid) else None
+
+
+def _medication_references(templates: Iterable[str], data: Mapping[str, _KeyData],
+                           server: str | None) -> tuple[dict[str, set[str]], set[str]]:
+    """(Medication id -> keys referring to it, not yet gathered; keys with a reference that
+    cannot be read from `server`)."""
+    have = {r.get("id") for kd in data.values() for r in kd.resources if r.get("resourceType") == "Medication"}
+    wanted: dict[str, set[str]] = {}
+    unresolvable: set[str] = set()
+    for key in templates:
+        for res in data[key].resources:
+            if res.get("resourceType") not in _MEDICATION_HOLDERS:
+                continue
+            ref = res.get("medicationReference")
+            target = ref.get("reference") if isinstance(ref, dict) else None
+            if not isinstance(target, str) or target.startswith("#"):
+                continue  # inline code, display only, or a contained Medication
+            mid = _medication_id(target, server)
+            if mid is None:
+                unresolvable.add(key)
+            elif mid not in have:
+                wanted.setdefault(mid, set()).add(key)
+    return wanted, unresolvable
+
+
 # ---------------------------------------------------------------------------------------------
 # The gatherer
 # ---------------------------------------------------------------------------------------------
@@ -438,6 +480,7 @@ class PatientDataGatherer:
                             data, deadline)
         for key in to_fetch:
             data.setdefault(key, _KeyData(ok=False, reason="no fhirServer"))
+        medications = self._resolve_medications(request, templates, data, server_ok, deadline)
 
         unavailable = [k for k in templates if not data[k].ok]
         fetched = tuple(k for k in templates if data[k].fetched and data[k].ok)
@@ -463,7 +506,7 @@ class PatientDataGatherer:
                                    ", and no usable fhirServer was given")
                                 + f"): {', '.join(missing_required)}")
 
-        resources = [r for k in templates for r in data[k].resources]
+        resources = [r for k in templates for r in data[k].resources] + medications
         drafts = []
         if request.context.draft_orders:
             drafts = [r for r in _bundle_resources(request.context.draft_orders) if isinstance(r, dict)]
@@ -471,6 +514,52 @@ class PatientDataGatherer:
                                               unavailable=frozenset(unavailable))
         return GatherResult(record=record, fetched_keys=fetched, failed_keys=tuple(unavailable),
                             skipped_resources=skipped, fhir_calls=calls)
+
+    # -- medications given by reference -------------------------------------------------------
+
+    def _resolve_medications(self, request: HookRequest, templates: Mapping[str, str],
+                             data: dict[str, _KeyData], server_ok: bool, deadline: float) -> list[Resource]:
+        """The Medication resources that gathered MedicationRequests/Statements refer to and
+        that neither prefetch nor the searches supplied, read from `fhirServer`.
+
+        The spec's prefetch template subset has no `_include`, so an EHR satisfying our templates
+        sends the requests without their Medications.  Both data modes then read them the same
+        way: `Medication?_id=a,b,...` against `fhirServer` (allowlist, token, deadline, size cap
+        and paging as for every fetch), in at most `MEDICATION_BATCHES` batches.  A reference
+        that cannot be resolved (no usable fhirServer, not found, a failed read, another
+        server's URL) makes the key that holds it unavailable: its medications were not fully
+        checked.  Contained (`#id`) Medications need no read.
+        """
+        wanted, unresolvable = _medication_references(templates, data, request.fhir_server)
+        if not wanted and not unresolvable:
+            return []
+        ids = sorted(wanted)
+        batches = [ids[i:i + MEDICATION_BATCH] for i in range(0, len(ids), MEDICATION_BATCH)]
+        found: dict[str, Resource] = {}
+        why = "no fhirServer"
+        if server_ok:
+            jobs = {f"{_MEDICATION_JOB}{n}": f"Medication?_id={','.join(batch)}&_count={len(batch)}"
+                    for n, batch in enumerate(batches[:MEDICATION_BATCHES])}
+            self._fetch_all(request, jobs, list(jobs), {}, data, deadline)
+            why = "not found"
+            for job in jobs:
+                kd = data[job]
+                if not kd.ok:
+                    why = kd.reason or "read failed"
+                    continue  # part of a failed read is not used
+                for res in kd.resources:
+                    rid = res.get("id")
+                    if res.get("resourceType") == "Medication" and rid in wanted:
+                        found.setdefault(rid, res)
+        failed = {key: "medication reference not readable from fhirServer" for key in unresolvable}
+        for mid, keys in wanted.items():
+            if mid not in found:
+                failed.update((key, f"medication reference unresolved ({why})") for key in keys)
+        for key, reason in failed.items():
+            kd = data[key]
+            if kd.ok:
+                kd.ok, kd.reason = False, reason
+        return list(found.values())
 
     # -- fetching -------------------------------------------------------------------------------
 
