@@ -258,7 +258,7 @@ def patients(draw: st.DrawFn, pid: str) -> list[dict[str, Any]]:
             str(TODAY.year - draw(st.integers(20, 95)))]))  # a year only, now and then
     out: list[dict[str, Any]] = [patient]
     # Most patients have neck pain (often recorded more than once), so the rules have work to do.
-    for _ in range(draw(st.integers(1, 3)) if draw(st.integers(0, 5)) else 0):
+    for _ in range(0 if draw(st.integers(0, 5)) == 5 else draw(st.integers(1, 3))):
         out.append(draw(condition(pid, rid("c"), draw(st.sampled_from(["neck-pain", "neck-pain", "chronic-neck-pain"])))))
     out += [draw(condition(pid, rid("c"))) for _ in range(draw(st.integers(0, 4)))]
     out += [draw(lab_result(pid, rid("lab"))) for _ in range(draw(st.integers(0, 2)))]
