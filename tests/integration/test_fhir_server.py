@@ -7,6 +7,7 @@ hook compares the cards answered by the app's hook endpoint for:
 - the full prefetch, obtained by running the discovery templates against that server as an EHR
   would;
 - no prefetch (the service fetches everything through `fhirServer`);
+- a prefetch holding every resource of each key's type (more than the templates ask for);
 - every partial combination of prefetched keys (all 2^9 subsets for patient-view, spread over the
   patients; leave-one-out and only-one for every patient and hook), with missing keys sometimes
   absent and sometimes sent as an OperationOutcome.
@@ -29,7 +30,7 @@ from flask import Flask
 from cds_service import create_app
 from cds_service.cli import main as cli_main
 from cds_service.config import Settings
-from cds_service.patient_data import PatientDataGatherer, render_template
+from cds_service.patient_data import SEARCHES, PatientDataGatherer, render_template
 from cds_service.protocol import parse_hook_request
 from cds_service.record import PREFETCH_KEYS
 from tests.servers import hook_body, http_ok, sekmet_server
@@ -136,7 +137,42 @@ def test_gathered_record_is_the_same_with_and_without_prefetch(
         given = gatherer.gather(parse_hook_request(body, "patient-view"), templates["patient-view"])
         assert fetched.record == given.record, pid
         assert set(fetched.fetched_keys) == set(PREFETCH_KEYS) and fetched.failed_keys == ()
-        assert given.fhir_calls == 0 and given.failed_keys == ()
+        # Referenced Medications are read in both modes (the template subset has no _include).
+        reads = 1 if given.record.medications else 0
+        assert given.fhir_calls == reads and given.failed_keys == ()
+
+
+def everything_prefetch(fhir_base: str, pid: str) -> dict[str, Any]:
+    """A prefetch holding every resource of each key's type for the patient, not only what the
+    templates ask for (an EHR may send more); Medications are sent with the requests."""
+    def search(*types: str) -> dict[str, Any]:
+        entries = []
+        for rtype in types:
+            query = f"patient={pid}&_count=1000" if rtype != "Medication" else "_count=1000"
+            resp = requests.get(f"{fhir_base}/{rtype}?{query}", headers={"Accept": "application/fhir+json"},
+                                timeout=10)
+            assert resp.status_code == 200, (rtype, resp.status_code)
+            entries += resp.json().get("entry", [])
+        return {"resourceType": "Bundle", "type": "searchset", "entry": entries}
+
+    patient = requests.get(f"{fhir_base}/Patient/{pid}", headers={"Accept": "application/fhir+json"}, timeout=10)
+    prefetch: dict[str, Any] = {"patient": patient.json()}
+    for key, spec in SEARCHES.items():
+        extra = ("Medication",) if spec.resource_type.startswith("Medication") else ()
+        prefetch[key] = search(spec.resource_type, *extra)
+    return prefetch
+
+
+@pytest.mark.parametrize("hook", HOOKS)
+def test_same_cards_when_the_ehr_sends_more_than_asked(app: Flask, fhir_base: str, patient_ids: list[str],
+                                                       templates: dict[str, dict[str, str]], hook: str) -> None:
+    """A prefetch of all the patient's resources gives the cards of the template prefetch: the
+    searches ask for everything the rules read (an Observation-coded diet included)."""
+    for pid in patient_ids:
+        full = ehr_prefetch(fhir_base, templates[hook], request_body(hook, pid, fhir_base))
+        expected = cards_for(app, request_body(hook, pid, fhir_base, full))
+        got = cards_for(app, request_body(hook, pid, fhir_base, everything_prefetch(fhir_base, pid)))
+        assert got == expected, f"{pid} {hook}: the EHR's extra resources change the cards"
 
 
 @pytest.mark.parametrize("hook", HOOKS)
