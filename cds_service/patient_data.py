@@ -341,18 +341,29 @@ MEDICATION_BATCHES = 4
 """Reads of referenced Medications per hook call (so at most 200 distinct Medications)."""
 
 
-def _medication_id(reference: str, server: str | None) -> str | None:
-    """The id of a `Medication/<id>` reference (relative, or absolute under `server`), else None."""
-    path = reference.split("/_history/", 1)[0]
-    base = (server or "").rstrip("/")
-    if base and path.startswith(base + "/"):
-        path = path[len(base) + 1:]
-    rtype, _, mid = path.partition("/")
-    return mid if rtype == "Medication" and _FHIR_ID.fullmatch(mid) else None
+def _medication_id(reference: str, server: fhir_url.FhirUrl | None) -> str | None:
+    """The id of a `Medication/<id>` reference, relative or absolute under `server`, else None."""
+    if "://" in reference:
+        if server is None:
+            return None
+        try:
+            url = fhir_url.normalise(reference)
+        except fhir_url.UnsafeUrl:
+            return None
+        if url.query is not None or not url.is_under(server):
+            return None
+        segments = url.segments()[len(server.segments()):]
+    else:
+        segments = tuple(reference.split("/"))
+    if len(segments) == 4 and segments[2] == "_history":
+        segments = segments[:2]  # a version-specific reference: the Medication it is a version of
+    if len(segments) != 2 or segments[0] != "Medication" or not _FHIR_ID.fullmatch(segments[1]):
+        return None
+    return segments[1]
 
 
 def _medication_references(templates: Iterable[str], data: Mapping[str, _KeyData],
-                           server: str | None) -> tuple[dict[str, set[str]], set[str]]:
+                           server: fhir_url.FhirUrl | None) -> tuple[dict[str, set[str]], set[str]]:
     """(Medication id -> keys referring to it, not yet gathered; keys with a reference that
     cannot be read from `server`)."""
     have = {r.get("id") for kd in data.values() for r in kd.resources if r.get("resourceType") == "Medication"}
@@ -480,7 +491,8 @@ class PatientDataGatherer:
                             data, deadline)
         for key in to_fetch:
             data.setdefault(key, _KeyData(ok=False, reason="no fhirServer"))
-        medications = self._resolve_medications(request, templates, data, server_ok, deadline)
+        medications = self._resolve_medications(request, templates, data,
+                                                server_url if server_ok else None, deadline)
 
         unavailable = [k for k in templates if not data[k].ok]
         fetched = tuple(k for k in templates if data[k].fetched and data[k].ok)
@@ -518,7 +530,8 @@ class PatientDataGatherer:
     # -- medications given by reference -------------------------------------------------------
 
     def _resolve_medications(self, request: HookRequest, templates: Mapping[str, str],
-                             data: dict[str, _KeyData], server_ok: bool, deadline: float) -> list[Resource]:
+                             data: dict[str, _KeyData], server: fhir_url.FhirUrl | None,
+                             deadline: float) -> list[Resource]:
         """The Medication resources that gathered MedicationRequests/Statements refer to and
         that neither prefetch nor the searches supplied, read from `fhirServer`.
 
@@ -530,17 +543,17 @@ class PatientDataGatherer:
         server's URL) makes the key that holds it unavailable: its medications were not fully
         checked.  Contained (`#id`) Medications need no read.
         """
-        wanted, unresolvable = _medication_references(templates, data, request.fhir_server)
+        wanted, unresolvable = _medication_references(templates, data, server)
         if not wanted and not unresolvable:
             return []
         ids = sorted(wanted)
         batches = [ids[i:i + MEDICATION_BATCH] for i in range(0, len(ids), MEDICATION_BATCH)]
         found: dict[str, Resource] = {}
         why = "no fhirServer"
-        if server_ok:
+        if server is not None:
             jobs = {f"{_MEDICATION_JOB}{n}": f"Medication?_id={','.join(batch)}&_count={len(batch)}"
                     for n, batch in enumerate(batches[:MEDICATION_BATCHES])}
-            self._fetch_all(request, jobs, list(jobs), {}, data, deadline)
+            self._fetch_all(request, server, jobs, list(jobs), {}, data, deadline)
             why = "not found"
             for job in jobs:
                 kd = data[job]

@@ -34,8 +34,7 @@ from cds_service.patient_data import SEARCHES, PatientDataGatherer, render_templ
 from cds_service.protocol import parse_hook_request
 from cds_service.rules import Decision
 from tests import ehr_shapes
-from tests.integration.test_fhir_server import fhir_base  # noqa: F401 - the sekmet server fixture
-from tests.servers import hook_body
+from tests.servers import hook_body, http_ok, sekmet_server
 
 pytestmark = pytest.mark.integration
 
@@ -88,10 +87,13 @@ class Modes:
 
 
 @pytest.fixture(scope="module")
-def modes(fhir_base: str) -> Iterator[Modes]:  # noqa: F811 - the imported fixture
-    m = Modes(fhir_base)
-    yield m
-    m.gatherer.close()
+def modes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Modes]:
+    """A sekmet FHIR server (strict R4 validation) and the service's engine and gatherer."""
+    server, base = sekmet_server(tmp_path_factory.mktemp("sekmet-parity"))
+    with server.start(http_ok(f"{base}/metadata"), timeout=60):
+        m = Modes(base)
+        yield m
+        m.gatherer.close()
 
 
 def summary(decision: Decision) -> tuple[str | None, str, str | None]:
