@@ -36,6 +36,7 @@ RULE_OF_REASON: Mapping[str, str] = {
     rules.MMA_DONE: "7",
     rules.INDETERMINATE_RESULT: "7",
     rules.RISK_AND_SYMPTOMS: "8",
+    rules.SUSPECTED_DEFICIENCY: "8",
 }
 """Reason code -> row ("#") of the rules table in docs/rules.md (tests/test_explain.py checks it)."""
 
@@ -44,16 +45,23 @@ LOOKED_FOR: Mapping[str, str] = {
     "neck_pain_onset": "an onset date on a neck-pain condition",
     "chronic": "chronic neck pain (value set chronic-neck-pain, or onset 12 weeks or more ago)",
     "age_years": "a valid Patient birth date",
-    "neuropathic": "neuropathic features (value set neuropathic-features)",
+    "neuropathic": "neuropathic features (value set neuropathic-features; an answer recorded as absent does not count)",
     "mechanical": "a mechanical cause (value set mechanical-causes)",
-    "compressive": "a compressive cause (value set compressive-causes)",
+    "compressive": "a nerve-root compression (value set compressive-causes)",
     "red_flags": "red flags (value set red-flags)",
+    "neurological_red_flags": "myelopathy, cord compression or gait disturbance (value set neurological-red-flags)",
+    "peripheral_neuropathy": "a distal polyneuropathy (value set peripheral-neuropathy)",
+    "suspected_deficiency": "a provisional/differential/unconfirmed B12 deficiency or a low-B12 finding "
+                            "(value sets b12-deficiency, b12-low-finding)",
     "risk_factors": "B12 risk factors (value sets metformin, acid-suppressants, gastric-surgery, "
-                    "malabsorption, vegan-vegetarian-diet, diabetes, alcohol-use-disorder; older age)",
-    "already_handled": "a known B12 deficiency or B12 replacement (value sets b12-deficiency, b12-replacement)",
+                    "malabsorption, b12-deficiency-history, vegan-vegetarian-diet, diabetes, alcohol-use-disorder; "
+                    "older age; acid suppressants only when long-term)",
+    "already_handled": "a confirmed, active B12 deficiency or B12 replacement (value sets b12-deficiency, "
+                       "b12-replacement)",
     "b12_results": "final B12 results (value set b12-lab)",
     "mma_results": "final MMA results (value set mma-lab)",
-    "pending_orders": "an active or on-hold B12/MMA test order, or one in the draft orders",
+    "pending_orders": "an active or on-hold B12/MMA test order no older than the stale-order limit, or one in "
+                      "the draft orders (by code, or by the test's name)",
 }
 """What each fact searched the record for, said for a person (a new fact falls back to its name)."""
 

@@ -21,7 +21,7 @@ REASON_LABELS = {
     "no-neck-pain": "No neck pain documented",
     "already-handled": "Known B12 deficiency or on B12 replacement",
     "no-risk-factor": "No B12 risk factor",
-    "acute-or-explained": "Neck pain acute, or explained by a compressive cause",
+    "acute-or-explained": "Neck pain acute, with no symptom that a documented cause does not explain",
     "pending-order": "B12 or MMA test already ordered",
     "recent-test": "B12 tested in the last 56 days",
     "recent-normal": "Normal B12 result in the last year",
@@ -30,7 +30,8 @@ REASON_LABELS = {
     # card shown
     "low-result": "Low B12 result in the last year",
     "indeterminate-result": "Indeterminate B12 result in the last year",
-    "risk-and-symptoms": "Risk factor with chronic neck pain or neuropathic features",
+    "risk-and-symptoms": "Risk factor with chronic neck pain, neuropathic features or a neurological red flag",
+    "suspected-deficiency": "B12 deficiency suspected but not confirmed",
 }
 
 FACT_LABELS = {
