@@ -295,6 +295,35 @@ def test_order_view_fires_order_select_with_a_draft_order(demo: Page) -> None:
     assert '"draftOrders"' in panel and '"cards": []' in panel and "urn:b12-neck-cds:demo-ehr" in panel
 
 
+def test_a_draft_b12_order_with_the_ehrs_own_code_counts_as_ordered(demo: Page) -> None:
+    demo.open()
+    cards = demo.choose("demo-brand-metformin-reference")
+    assert cards.count() == 1  # Janumet by reference + pins and needles: the B12 card
+    demo.page.click("#view-order")
+    demo.page.select_option("#order-choice", "b12-local")
+    demo.page.click("#order-select")
+    demo.page.wait_for_function("() => document.querySelector('#cards').dataset.state === 'done'"
+                                " && document.querySelector('#cards-status').textContent.startsWith('No cards')")
+    assert cards.count() == 0  # recognised by its name: the card does not suggest the test being ordered
+    (body,) = demo.hook_posts("b12-neck-pain-order-select")
+    coding = body["context"]["draftOrders"]["entry"][0]["resource"]["code"]["coding"]
+    assert [c["system"] for c in coding] == ["https://ehr.example.org/fhir/CodeSystem/orderables"]
+
+
+def test_red_flags_lead_and_unsupported_orders_are_not_preselected(demo: Page) -> None:
+    demo.open()
+    card = demo.choose("demo-myelopathy-acute").first
+    assert card.get_attribute("data-indicator") == "warning"
+    assert card.locator(".card-summary").inner_text().startswith("Red flags: assess urgently and check B12 alongside")
+    assert "Neck pain: acute" in card.locator(".card-detail").inner_text()
+    assert card.locator("button.suggestion .recommended").count() == 1
+    # chronic neck pain + metformin, no symptom: the card asks, and the order is offered unselected
+    card = demo.choose("demo-no-symptom-documented").first
+    assert "ask about neurological symptoms" in card.locator(".card-summary").inner_text()
+    assert card.locator("button.suggestion").count() == 1
+    assert card.locator("button.suggestion .recommended").count() == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Nothing but the service
 # ---------------------------------------------------------------------------------------------

@@ -31,6 +31,23 @@
         authoredOn: new Date().toISOString().slice(0, 10)
       };
     },
+    "b12-local": function (patientId) {
+      // As many EHRs send it: only the EHR's own orderable code, the test named in text/display.
+      return {
+        resourceType: "ServiceRequest",
+        id: "demo-draft-b12-local",
+        status: "draft",
+        intent: "order",
+        code: {
+          coding: [{ system: "https://ehr.example.org/fhir/CodeSystem/orderables", code: "LAB-00417",
+                     display: "VIT B12/FOLATE SERUM" }],
+          text: "B12 & folate"
+        },
+        subject: { reference: "Patient/" + patientId },
+        requester: { reference: USER_ID },
+        authoredOn: new Date().toISOString().slice(0, 10)
+      };
+    },
     "naproxen": function (patientId) {
       return {
         resourceType: "MedicationRequest",
