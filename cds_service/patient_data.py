@@ -136,7 +136,10 @@ SEARCHES: dict[str, SearchSpec] = {
     "procedures": SearchSpec(
         "Procedure", frozenset({facts.SURGERY_SET}), count=SEARCH_COUNT,
         unfiltered_because="surgical history is small and coded with local procedure codes"),
-    "serviceRequests": SearchSpec("ServiceRequest", facts.LAB_SETS, "code", status=facts.PENDING_ORDER),
+    "serviceRequests": SearchSpec(
+        "ServiceRequest", facts.LAB_SETS, status=facts.PENDING_ORDER, count=SEARCH_COUNT,
+        unfiltered_because="B12/MMA orders coded only with the EHR's own orderable code are recognised "
+                           "by the test's name in their text or display (lab-name synonyms)"),
 }
 """Prefetch key -> its search.  A value set added to a facts constant flows into discovery and
 fallback with no edit here; tests/test_query_coverage.py fails when the matcher reads a value
