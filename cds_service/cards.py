@@ -141,7 +141,8 @@ class CardBuilder:
     def _summary(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
         if decision.kind == "low-b12":
             r = decision.b12_result
-            return spec["summary"]["result"].format(value=_num(r.value_ng_l), date=_day(r.on))[:MAX_SUMMARY]
+            variant = "red_flags" if facts.red_flags and "red_flags" in spec["summary"] else "result"
+            return spec["summary"][variant].format(value=_num(r.value_ng_l), date=_day(r.on))[:MAX_SUMMARY]
         # Red flags lead the summary too: it is the line a busy clinician reads.  Without a listed
         # symptom (decision not recommended) the summary asks about symptoms instead of advising.
         if facts.red_flags:
@@ -167,14 +168,22 @@ class CardBuilder:
         s = self.settings
         parts: list[str] = []
         if facts.red_flags:  # red flags first: urgent assessment takes priority
-            parts.append(f"**{h['red_flags']}**\n\n{_bullets(facts.red_flags)}\n\n{c['red_flags_advice']}\n\n"
+            # With a low B12 already known, B12 is not "checked alongside": the advice is to treat.
+            low = decision.kind == "low-b12"
+            heading = h["red_flags_low"] if low else h["red_flags"]
+            advice = c["red_flags_advice_low"] if low else c["red_flags_advice"]
+            parts.append(f"**{heading}**\n\n{_bullets(facts.red_flags)}\n\n{advice}\n\n"
                          f"{self._pain_timing(facts)} {self._compressive(facts)}")
         if facts.suspected_deficiency:
             parts.append(f"**{h['suspected']}**\n\n{_bullets(facts.suspected_deficiency)}\n\n{c['suspected_note']}")
+        # "Mechanical causes first" holds unless a red flag is documented: then the red flag comes first.
+        after = "_after_red_flags" if facts.red_flags else ""
+        mechanical_heading = h["mechanical" + after]
         if facts.mechanical:
-            parts.append(f"**{h['mechanical']}**\n\n{c['mechanical_documented']}\n\n{_bullets(facts.mechanical)}")
+            parts.append(f"**{mechanical_heading}**\n\n{c['mechanical_documented' + after]}\n\n"
+                         f"{_bullets(facts.mechanical)}")
         else:
-            parts.append(f"**{h['mechanical']}**\n\n{c['mechanical_reminder']}")
+            parts.append(f"**{mechanical_heading}**\n\n{c['mechanical_reminder' + after]}")
         if facts.risk_factors:
             labels = self.risk_labels(facts)
             lines = []

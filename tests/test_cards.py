@@ -87,7 +87,7 @@ def test_detail_order_red_flags_then_mechanical_then_risks_then_results_then_not
                          condition("39848009", onset=days_before(150), display="Whiplash"), condition("91019004"),
                          b12_result(300, on=days_before(200))))
     d = card.detail
-    positions = [d.index(s) for s in ("Red flags documented", "Mechanical causes first", "B12 risk factors",
+    positions = [d.index(s) for s in ("Red flags documented", "Mechanical causes (after the red flags)", "B12 risk factors",
                                       "Neuropathic features", "Latest B12 / MMA results", "evidence linking")]
     assert positions == sorted(positions)
     assert f"Whiplash ({days_before(150).isoformat()})" in d

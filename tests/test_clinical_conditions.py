@@ -562,3 +562,19 @@ def test_red_flag_wording_is_consistent_everywhere() -> None:
         assert "before any routine test" not in text, name
     rules_md = (Path(__file__).resolve().parents[1] / "docs" / "rules.md").read_text()
     assert "before any routine test" not in rules_md
+
+
+def test_low_b12_with_a_red_flag_says_treat_not_check(engine) -> None:
+    from tests.fhir_builders import b12_result
+    ev = run(engine, acute_neck(), cond(MYELOPATHY), b12_result(120, on=days_before(20)))
+    card = ev.cards[0]
+    assert outcome(ev) == "low-b12" and card.indicator == "warning"
+    assert card.summary.startswith("Red flags: assess urgently") and "do not delay treatment" in card.summary
+    first = card.detail.split("\n\n**")[0]
+    assert "do not delay B12 treatment" in first and "check B12 alongside" not in card.detail
+
+
+def test_with_a_red_flag_mechanical_causes_no_longer_come_first(engine) -> None:
+    detail = run(engine, acute_neck(), metformin(), cond(MYELOPATHY), cond(STENOSIS)).cards[0].detail
+    assert "Mechanical causes first" not in detail and "assess these first" not in detail
+    assert "**Mechanical causes (after the red flags)**" in detail
