@@ -20,7 +20,7 @@ COPY cards ./cards
 COPY valuesets ./valuesets
 
 RUN useradd --system --uid 10001 --no-create-home --home-dir /app cds \
-    && mkdir -p /var/lib/b12-cds && chown cds:cds /var/lib/b12-cds
+    && mkdir -p /var/lib/b12-cds && chown cds:cds /var/lib/b12-cds && chmod 0700 /var/lib/b12-cds
 USER cds
 VOLUME ["/var/lib/b12-cds"]
 EXPOSE 8080

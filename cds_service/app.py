@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import logging
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 from flask import Flask
@@ -38,6 +39,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from cds_service import http, logs
     from cds_service.engine import ClinicalEngine
     from cds_service.patient_data import PatientDataGatherer
+    from cds_service.secret_files import ensure_private_dir
     from cds_service.security import RequestVerifier
     from cds_service.store import Store
 
@@ -47,6 +49,9 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes
     app.json.sort_keys = False
 
+    if not settings.database_url.strip() or settings.demo_mode or not settings.patient_hash_key:
+        # The directory holds the SQLite database and/or generated keys: owner-only.
+        ensure_private_dir(Path(settings.data_dir))
     store = Store.open(settings)
     app.extensions[EXTENSION_KEY] = Services(
         settings=settings,

@@ -14,7 +14,10 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from cds_service.cors import OriginPolicy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 ENV_PREFIX = "CDS_"
@@ -56,10 +59,16 @@ class Settings:
     max_body_bytes: int = 5 * 1024 * 1024
     max_json_depth: int = 64
     max_string_length: int = 4096
+    max_header_bytes: int = 8192
+    """Longest request line or single header field (name and value) accepted; 431 above it."""
+    request_header_timeout: float = 20.0
+    """Seconds a new connection has to send complete request headers (408 and closed after)."""
+    request_body_timeout: float = 60.0
+    """Seconds to receive a whole request body once its headers are in (408 after)."""
 
     # --- CORS --------------------------------------------------------------------------------
     cors_origins: str = "*"
-    """Comma-separated allowed origins, or `*`."""
+    """`*`, or comma-separated exact origins and `scheme://*.domain` patterns (cds_service/cors.py)."""
 
     # --- FHIR fallback -----------------------------------------------------------------------
     fhir_connect_timeout: float = 0.5
@@ -100,6 +109,8 @@ class Settings:
     dev_mode: bool = False
     """Development (`b12-cds serve --dev`, `b12-cds evaluate`): hook answers carry the explanation
     of the decision (as in demo mode). Never in production: it holds patient data."""
+    demo_allow_remote: bool = False
+    """Let `b12-cds serve` run demo mode on a non-loopback address (it mints trusted tokens)."""
     log_level: str = "INFO"
     workers: int = 2
     bind: str = "127.0.0.1:8080"
@@ -125,8 +136,10 @@ class Settings:
 
     # Derived views -------------------------------------------------------------------------
     @property
-    def cors_origin_list(self) -> list[str]:
-        return [o.strip() for o in self.cors_origins.split(",") if o.strip()] or ["*"]
+    def cors_policy(self) -> "OriginPolicy":
+        from cds_service.cors import OriginPolicy
+
+        return OriginPolicy.parse(self.cors_origins)
 
     @property
     def fhir_allowlist_prefixes(self) -> list[str]:

@@ -25,11 +25,15 @@ ISSUE_CODE_BY_STATUS = {
     403: "forbidden",
     404: "not-found",
     405: "not-supported",
+    408: "timeout",
     412: "incomplete",
     413: "too-long",
+    414: "too-long",
     415: "not-supported",
+    431: "too-long",
     429: "throttled",
     500: "exception",
+    501: "not-supported",
 }
 
 

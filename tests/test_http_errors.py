@@ -136,3 +136,97 @@ def test_401_asks_for_a_bearer_token(make_app):
     resp = client.post(PV, json={"hook": "patient-view"})
     assert_outcome(resp, 401, "unauthorized")
     assert resp.headers["WWW-Authenticate"] == "Bearer"
+
+
+HOOK = {"hook": "patient-view", "hookInstance": "h-sec", "context": {"userId": "Practitioner/1", "patientId": "p"},
+        "prefetch": {"patient": None}}
+
+
+def test_every_answer_is_no_store_and_nosniff(client):
+    """Hook answers carry patient-derived text: no cache may keep them, no browser may sniff them."""
+    for resp in (client.post(PV, json=HOOK, headers=ORIGIN), client.get("/cds-services"), client.get("/healthz"),
+                 client.post("/cds-services/nope", json={}), client.post(PV, data="x"),
+                 client.options(PV, headers={**ORIGIN, "Access-Control-Request-Method": "POST"})):
+        assert resp.headers["Cache-Control"] == "no-store", resp.status
+        assert resp.headers["X-Content-Type-Options"] == "nosniff", resp.status
+
+
+def test_oversized_authorization_header_is_a_431_outcome_with_cors(make_app):
+    client = make_app(auth_disabled=False).test_client()
+    resp = client.post(PV, json=HOOK, headers={**ORIGIN, "Authorization": "Bearer " + "a" * 9000})
+    body = assert_outcome(resp, 431, "'Authorization'")
+    assert "aaaa" not in json.dumps(body)  # the value (a token) is never echoed
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def test_oversized_request_line_is_a_431_outcome(client):
+    resp = client.get("/cds-services?x=" + "a" * 9000, headers=ORIGIN)
+    assert_outcome(resp, 431, "request line")
+    assert resp.headers["Access-Control-Allow-Origin"] == "*"
+
+
+def chunked_environ(payload: bytes) -> dict:
+    """What a WSGI server passes for a chunked body: no Content-Length, a terminated stream."""
+    import io
+
+    return {"wsgi.input": io.BytesIO(payload), "wsgi.input_terminated": True,
+            "CONTENT_TYPE": "application/json", "HTTP_TRANSFER_ENCODING": "chunked"}
+
+
+def test_chunked_body_over_the_limit_is_413_not_truncated(make_app):
+    """Read with the limit whatever the framing: a body that is valid JSON when cut at the
+    limit must not be answered as if it were the whole request."""
+    app = make_app(max_body_bytes=200)
+    valid_prefix = json.dumps(HOOK).encode()
+    assert len(valid_prefix) < 200
+    payload = valid_prefix + b" " * 300  # whitespace after the JSON: the first 200 bytes parse
+    client = app.test_client()
+    resp = client.post(PV, environ_overrides=chunked_environ(payload))
+    assert_outcome(resp, 413)
+    whole = client.post(PV, environ_overrides=chunked_environ(valid_prefix))
+    # Under the limit a chunked body is read whole and handled like any other (here: 412,
+    # the prefetch says the patient has no Patient resource).
+    assert whole.status_code == client.post(PV, json=HOOK).status_code == 412
+
+
+def test_413_is_counted_and_logged_as_413(make_app):
+    import logging
+    import re
+
+    def count(status: str) -> float:
+        text = client.get("/metrics").get_data(as_text=True)
+        m = re.search(r'^cds_requests_total\{service="b12-neck-pain-patient-view",status="%s"\} (\S+)$' % status,
+                      text, re.MULTILINE)
+        return float(m.group(1)) if m else 0.0
+
+    class Recorder(logging.Handler):
+        statuses: list = []
+
+        def emit(self, record):
+            if getattr(record, "event", None) == "hook":
+                self.statuses.append(record.status)
+
+    client = make_app(max_body_bytes=1024).test_client()
+    big = json.dumps({**HOOK, "padding": "x" * 5000})
+    before_413, before_500 = count("413"), count("500")
+    recorder = Recorder()
+    logger = logging.getLogger("cds_service.hooks")
+    logger.addHandler(recorder)
+    try:
+        assert_outcome(client.post(PV, data=big, content_type="application/json"), 413)
+        assert_outcome(client.post(PV, environ_overrides=chunked_environ(big.encode())), 413)
+    finally:
+        logger.removeHandler(recorder)
+    assert count("413") == before_413 + 2
+    assert count("500") == before_500
+    assert recorder.statuses == [413, 413]
+
+
+def test_a_refused_body_from_the_front_is_answered_by_the_app(client):
+    """The whole-request front (cds_service.asgi) hands a refused body over empty and marked."""
+    for marker, status in (("413", 413), ("408", 408)):
+        resp = client.post(PV, data=b"", content_type="application/json",
+                           environ_overrides={"HTTP_X_CDS_FRONT_ERROR": marker}, headers=ORIGIN)
+        assert_outcome(resp, status)
+        assert resp.headers["Access-Control-Allow-Origin"] == "*"
+        assert_outcome(client.get("/healthz", environ_overrides={"HTTP_X_CDS_FRONT_ERROR": marker}), status)

@@ -1,4 +1,8 @@
-"""Every error is JSON: an OperationOutcome body, CORS headers included, never a stack trace."""
+"""Every error is JSON: an OperationOutcome body, CORS headers included, never a stack trace.
+
+Also here, because they apply to every answer alike: the request-size checks that must run
+before any handler (request line and header fields, `CDS_MAX_HEADER_BYTES`) and the security
+headers (`no-store`: hook answers carry patient-derived text; `nosniff`)."""
 
 from __future__ import annotations
 
@@ -17,7 +21,30 @@ HTTP_MESSAGES = {
     405: "method not allowed for this endpoint",
     413: "request body too large",
     415: "request body must be application/json",
+    431: "request header fields too large",
 }
+
+
+FRONT_ERROR_HEADER = b"x-cds-front-error"
+"""Set by the front (any such header from the client is removed) when it refused the body:
+`413` (over CDS_MAX_BODY_BYTES) or `408` (not received within CDS_REQUEST_BODY_TIMEOUT)."""
+FRONT_ERROR_ENVIRON = "HTTP_X_CDS_FRONT_ERROR"
+
+SECURITY_HEADERS = (("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"))
+"""On every answer: hook answers carry patient-derived text (no cache may keep them) and every
+body is JSON that must not be sniffed as something else."""
+
+
+def front_error(marker: str) -> CdsError:
+    """The error for a body the front (cds_service.asgi) refused to read."""
+    if marker == "408":
+        return CdsError(408, "request body not received in time")
+    return CdsError(413, "request body too large")
+
+
+BODY_READING_ENDPOINTS = frozenset({"hooks.call_service", "feedback.post_feedback"})
+"""Views that read the body through `hooks.read_body` and answer a refused body there (after
+authentication, and counted in /metrics per service)."""
 
 
 def json_response(payload: object, status: int = 200) -> Response:
@@ -30,16 +57,39 @@ def outcome_response(status: int, diagnostics: str, **kwargs: object) -> Respons
 
 
 def register(app: Flask) -> None:
-    """Install CORS (all routes, errors and preflight included) and the JSON error handlers."""
-    origins = app.extensions["cds"].settings.cors_origin_list
+    """Install CORS (all routes, errors and preflight included), the request-size checks, the
+    security headers and the JSON error handlers."""
+    settings = app.extensions["cds"].settings
+    policy = settings.cors_policy
+    max_header_bytes = settings.max_header_bytes
     CORS(
         app,
-        origins=origins,
-        send_wildcard=origins == ["*"],
+        origins=policy.flask_cors_origins(),
+        send_wildcard=policy.allow_all,
         allow_headers=["Content-Type", "Authorization"],
         methods=["GET", "POST", "OPTIONS"],
         max_age=600,
     )
+
+    @app.before_request
+    def _check_request_limits() -> None:
+        environ = request.environ
+        if environ.get(FRONT_ERROR_ENVIRON) and request.endpoint not in BODY_READING_ENDPOINTS:
+            raise front_error(environ[FRONT_ERROR_ENVIRON])  # the hook views raise it in read_body
+        line = len(environ.get("RAW_URI") or environ.get("REQUEST_URI") or "") or (
+            len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")) + 1)
+        if line > max_header_bytes:
+            raise CdsError(431, f"request line longer than {max_header_bytes} bytes")
+        for name, value in request.headers.items():
+            if len(name) + len(value) + 2 > max_header_bytes:
+                # The name only: the value may be a token.
+                raise CdsError(431, f"header {name[:64]!r} longer than {max_header_bytes} bytes")
+
+    @app.after_request
+    def _security_headers(response: Response) -> Response:
+        for name, value in SECURITY_HEADERS:
+            response.headers.setdefault(name, value)
+        return response
 
     @app.errorhandler(CdsError)
     def _cds_error(err: CdsError) -> Response:

@@ -16,10 +16,11 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Request, Response, g, request
+from werkzeug.exceptions import HTTPException
 
 from cds_service import metrics
 from cds_service.services import services
-from cds_service.http.errors import json_response
+from cds_service.http.errors import FRONT_ERROR_ENVIRON, front_error, json_response
 from cds_service.logs import get_logger
 from cds_service.engine import Evaluation
 from cds_service.explain import explain
@@ -91,8 +92,8 @@ def call_service(service_id: str) -> Response:
         response = _evaluate_hook(svc)
         status = response.status_code
         return response
-    except CdsError as err:
-        status = err.status
+    except (CdsError, HTTPException) as err:  # werkzeug raises 413 past MAX_CONTENT_LENGTH
+        status = (err.status if isinstance(err, CdsError) else err.code) or 500
         raise
     finally:
         elapsed = time.perf_counter() - started
@@ -164,7 +165,7 @@ def read_json_body(req: Request, *, max_depth: int) -> Any:
     mimetype = (req.mimetype or "").lower()
     if mimetype not in JSON_CONTENT_TYPES:
         raise CdsError(415, "request body must be application/json")
-    raw = req.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    raw = read_body(req)
     try:
         body = orjson.loads(raw)
     except orjson.JSONDecodeError as err:
@@ -177,6 +178,34 @@ def read_json_body(req: Request, *, max_depth: int) -> Any:
         if depth > max_depth:
             raise CdsError(400, f"request JSON is nested deeper than {max_depth} levels")
     return body
+
+
+def read_body(req: Request) -> bytes:
+    """The whole body, at most `MAX_CONTENT_LENGTH` bytes whatever the framing: 413 above it.
+
+    werkzeug checks a declared `Content-Length`; a chunked body (no length) it would silently
+    cut at the limit, so that case is read here with one byte more than allowed.  (Under
+    `b12-cds serve` the front, cds_service.asgi, has already done the same in the event loop.)
+    """
+    refused = req.environ.get(FRONT_ERROR_ENVIRON)
+    if refused:
+        raise front_error(refused)
+    limit = req.max_content_length
+    if req.content_length is not None or limit is None:
+        return req.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
+    if not req.environ.get("wsgi.input_terminated"):
+        return b""  # no length and a server that does not end the stream: nothing safe to read
+    stream = req.environ["wsgi.input"]
+    chunks, size = [], 0
+    while size <= limit:
+        chunk = stream.read(min(65536, limit + 1 - size))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
+    if size > limit:
+        raise CdsError(413, "request body too large")
+    return b"".join(chunks)
 
 
 def _short_reason(err: Exception) -> str:
