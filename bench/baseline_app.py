@@ -3,12 +3,21 @@
 It does what every CDS Hooks endpoint must do at the least (read the body, parse the JSON
 exactly as the service does, with orjson, under the same garbage-collector settings
 (`cds_service.app.tune_garbage_collector`); serialise an answer) and nothing else, so the ratio
-service / baseline is the cost of our own work, not of a slower parse in the baseline.  Served by gunicorn with the service's settings:
+service / baseline is the cost of our own work, not of a slower parse in the baseline.
 
-    gunicorn --worker-class gthread --workers 2 --threads 4 'bench.baseline_app:create_baseline_app()'
+Served by the same server as the service, with the same settings (`b12-cds serve`'s gunicorn
+options, asyncio workers, the whole-request front):
+
+    python -m bench.baseline_app --bind 127.0.0.1:8081 --workers 2
+
+(the former model, for the before/after rows: `gunicorn --worker-class gthread --workers 2
+--threads 4 'bench.baseline_app:create_baseline_app()'`).
 """
 
 from __future__ import annotations
+
+import argparse
+from typing import Any
 
 import orjson
 from flask import Flask, Response, request
@@ -34,3 +43,29 @@ def create_baseline_app() -> Flask:
         return Response(b'{"status": "ok"}', mimetype="application/json")
 
     return app
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Serve the baseline exactly as `b12-cds serve` serves the service."""
+    from cds_service.asgi import WholeRequestFront
+    from cds_service.commands.serve import GunicornServer, gunicorn_options
+    from cds_service.config import Settings
+
+    parser = argparse.ArgumentParser(prog="python -m bench.baseline_app")
+    parser.add_argument("--bind", required=True)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=4)
+    args = parser.parse_args(argv)
+    settings = Settings.from_env()
+    threads = args.threads
+
+    class BaselineServer(GunicornServer):
+        def load(self) -> Any:
+            return WholeRequestFront(create_baseline_app(), settings, threads)
+
+    BaselineServer(gunicorn_options(settings, args.bind, args.workers), threads).run()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,4 +1,4 @@
-"""Part 2: throughput and latency over HTTP (127.0.0.1) under gunicorn, service vs. baseline.
+"""Part 2: throughput and latency over HTTP (127.0.0.1), service vs. baseline under the same server.
 
 Closed-loop load: `concurrency` client threads, each with its own pooled `requests.Session`
 (keep-alive), send the same patient-view request back to back for `seconds`, capped at
@@ -43,6 +43,7 @@ class LoadResult:
 
 @dataclass
 class HttpRow:
+    model: str
     concurrency: int
     baseline: LoadResult
     service: LoadResult
@@ -118,11 +119,14 @@ def _warm(server: Server, raw: bytes, n: int, check_card: bool) -> None:
 
 
 def run_http(raw: bytes, *, workers: int = 2, concurrency: int = 4, seconds: float = 6.0,
-             rounds: int = 2, max_requests: int = 20000, log_dir: Path | None = None) -> HttpRow:
+             rounds: int = 2, max_requests: int = 20000, log_dir: Path | None = None,
+             model: str = "serve") -> HttpRow:
+    """Service vs. baseline, both under the serving `model` (bench.servers.MODELS)."""
     with tempfile.TemporaryDirectory(prefix="b12-bench-http-") as tmp:
         logs = log_dir or Path(tmp)
-        with service_server(free_port(), workers, str(Path(tmp) / "data"), logs / "service.log") as svc, \
-                baseline_server(free_port(), workers, logs / "baseline.log") as base:
+        with service_server(free_port(), workers, str(Path(tmp) / "data"), logs / f"service-{model}.log",
+                            model=model) as svc, \
+                baseline_server(free_port(), workers, logs / f"baseline-{model}.log", model=model) as base:
             # Warm every worker (requests spread over workers by the kernel's accept queue).
             _warm(svc, raw, 10 * workers, check_card=True)
             _warm(base, raw, 10 * workers, check_card=False)
@@ -136,7 +140,7 @@ def run_http(raw: bytes, *, workers: int = 2, concurrency: int = 4, seconds: flo
                                    seconds=seconds / rounds, max_requests=max_requests))
             svc_rss = [rss_mib(pid) for pid in svc.worker_pids()]
             base_rss = [rss_mib(pid) for pid in base.worker_pids()]
-    return HttpRow(concurrency=concurrency, baseline=total_base, service=total_svc,
+    return HttpRow(model=model, concurrency=concurrency, baseline=total_base, service=total_svc,
                    service_rss_mib=svc_rss, baseline_rss_mib=base_rss)
 
 

@@ -47,6 +47,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-seconds", type=float, default=10.0, help="load time per server (default 10)")
     parser.add_argument("--concurrency", type=int, default=4, help="HTTP client threads (default 4)")
     parser.add_argument("--workers", type=int, default=2, help="gunicorn workers (default 2)")
+    parser.add_argument("--http-models", default="serve,gthread",
+                        help="serving models for the HTTP part: serve (production), gthread (former); default both")
     parser.add_argument("--out", type=Path, help="also write the markdown report to this file")
     args = parser.parse_args(argv)
     parts = [p.strip() for p in args.parts.split(",") if p.strip()]
@@ -122,28 +124,43 @@ def main(argv: list[str] | None = None) -> int:
 
     if "http" in parts:
         from bench.http_load import run_http, summary
+        from bench.servers import MODELS
 
         raw = (hook_body(by_size["typical"], hook_instance="bench-http"))
         seconds = 2.0 if args.quick else args.http_seconds
-        row = run_http(raw, workers=args.workers, concurrency=args.concurrency, seconds=seconds)
-        out(f"## 2. HTTP on 127.0.0.1, gunicorn gthread, {args.workers} workers x 4 threads, "
+        models = [m.strip() for m in args.http_models.split(",") if m.strip()]
+        rows = {m: run_http(raw, workers=args.workers, concurrency=args.concurrency, seconds=seconds, model=m)
+                for m in models if m in MODELS}
+        row = rows.get("serve") or next(iter(rows.values()))
+        out(f"## 2. HTTP on 127.0.0.1, {args.workers} workers x 4 app threads, "
             f"{row.concurrency} client threads, typical patient")
         out()
-        out("Service: `b12-cds serve --bind 127.0.0.1:<port> --workers N` with CDS_AUTH_DISABLED=1 and a")
-        out("temporary CDS_DATA_DIR (logs at INFO to a file).  Baseline: `bench.baseline_app` under gunicorn")
-        out("with the same settings.  Closed loop, keep-alive, alternating rounds; the Python client shares")
-        out("the machine's cores with the server.")
+        out("Service: `b12-cds serve --bind 127.0.0.1:<port> --workers N` (gunicorn asyncio workers, whole")
+        out("requests read in the event loop, the app in 4 threads per worker) with CDS_AUTH_DISABLED=1 and")
+        out("a temporary CDS_DATA_DIR (logs at INFO to a file).  Baseline: `python -m bench.baseline_app`,")
+        out("the baseline app under the same server with the same settings.  The `gthread` rows are the")
+        out("former serving model (gunicorn gthread, 4 threads; service and baseline alike), measured in the")
+        out("same run for the before/after comparison.  Closed loop, keep-alive, alternating rounds; the")
+        out("Python client shares the machine's cores with the server.")
         out()
-        out("| server | requests | errors | req/s | p50 ms | p99 ms | RSS per worker MiB (after load) |")
-        out("| --- | ---: | ---: | ---: | ---: | ---: | --- |")
-        for name, res, rss in (("baseline", row.baseline, row.baseline_rss_mib),
-                               ("service", row.service, row.service_rss_mib)):
-            s = summary(res)
-            out(f"| {name} | {s['requests']} | {s['errors']} | {_fmt(s['rps'], 1)} | {_fmt(s['p50'])} "
-                f"| {_fmt(s['p99'])} | {', '.join(_fmt(x, 1) for x in rss)} |")
+        out("| model | server | requests | errors | req/s | p50 ms | p99 ms | RSS per worker MiB (after load) |")
+        out("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
+        for model, r in rows.items():
+            label = "b12-cds serve (asyncio)" if model == "serve" else "former: gthread"
+            for name, res, rss in (("baseline", r.baseline, r.baseline_rss_mib),
+                                   ("service", r.service, r.service_rss_mib)):
+                sm = summary(res)
+                out(f"| {label} | {name} | {sm['requests']} | {sm['errors']} | {_fmt(sm['rps'], 1)} "
+                    f"| {_fmt(sm['p50'])} | {_fmt(sm['p99'])} | {', '.join(_fmt(x, 1) for x in rss)} |")
         out()
-        out(f"Throughput ratio service / baseline: **{_fmt(row.throughput_ratio)}**")
-        out()
+        for model, r in rows.items():
+            label = "b12-cds serve (asyncio)" if model == "serve" else "former gthread"
+            out(f"Throughput ratio service / baseline, {label}: **{_fmt(r.throughput_ratio)}**")
+            out()
+        if "serve" in rows and "gthread" in rows:
+            out(f"Service throughput, asyncio / gthread: {_fmt(rows['serve'].service.rps / rows['gthread'].service.rps)}; "
+                f"baseline throughput, asyncio / gthread: {_fmt(rows['serve'].baseline.rps / rows['gthread'].baseline.rps)}")
+            out()
         worst_rss = max(row.service_rss_mib or [float("nan")])
         verdicts += [
             ("HTTP throughput vs baseline", f">= {TARGETS['http_throughput']:.0%}",

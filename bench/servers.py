@@ -15,18 +15,33 @@ import requests
 from bench.common import REPO_ROOT
 
 
-def _service_command(port: int, workers: int) -> list[str]:
+MODELS = ("serve", "gthread")
+"""Serving models: `serve` is `b12-cds serve` (gunicorn asyncio workers + whole-request front,
+production); `gthread` is the former production model (gunicorn gthread, 4 threads), kept for
+the before/after comparison."""
+
+
+def _gthread_command(port: int, workers: int, app: str, threads: int = 4) -> list[str]:
+    """gunicorn gthread with the settings `b12-cds serve` used before the asyncio workers."""
+    return [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
+            "--worker-class", "gthread", "--threads", str(threads), "--timeout", "30",
+            "--graceful-timeout", "10", "--keep-alive", "5", "--chdir", str(REPO_ROOT), app]
+
+
+def _service_command(port: int, workers: int, model: str = "serve") -> list[str]:
+    if model == "gthread":
+        return _gthread_command(port, workers, "cds_service.app:create_app()")
     script = Path(sys.executable).parent / "b12-cds"
     base = [str(script)] if script.exists() else [sys.executable, "-m", "cds_service.cli"]
     return [*base, "serve", "--bind", f"127.0.0.1:{port}", "--workers", str(workers)]
 
 
-def _baseline_command(port: int, workers: int, threads: int = 4) -> list[str]:
-    """gunicorn with the settings `b12-cds serve` uses (cds_service/commands/serve.py)."""
-    return [sys.executable, "-m", "gunicorn", "--bind", f"127.0.0.1:{port}", "--workers", str(workers),
-            "--worker-class", "gthread", "--threads", str(threads), "--timeout", "30",
-            "--graceful-timeout", "10", "--keep-alive", "5", "--chdir", str(REPO_ROOT),
-            "bench.baseline_app:create_baseline_app()"]
+def _baseline_command(port: int, workers: int, model: str = "serve") -> list[str]:
+    """The baseline app under the same server and settings as the service."""
+    if model == "gthread":
+        return _gthread_command(port, workers, "bench.baseline_app:create_baseline_app()")
+    return [sys.executable, "-m", "bench.baseline_app", "--bind", f"127.0.0.1:{port}",
+            "--workers", str(workers)]
 
 
 class Server:
@@ -105,17 +120,18 @@ def rss_mib(pid: int) -> float:
     return float("nan")
 
 
-def service_server(port: int, workers: int, data_dir: str, log_path: Path,
+def service_server(port: int, workers: int, data_dir: str, log_path: Path, model: str = "serve",
                    **extra_env: str) -> Server:
     env = dict(os.environ)
     env.update({"CDS_AUTH_DISABLED": "1", "CDS_DATA_DIR": data_dir, "CDS_LOG_LEVEL": "INFO",
                 "PYTHONUNBUFFERED": "1"})
     env.pop("PROMETHEUS_MULTIPROC_DIR", None)
     env.update(extra_env)
-    return Server("service", _service_command(port, workers), port, env, log_path)
+    return Server("service", _service_command(port, workers, model), port, env, log_path)
 
 
-def baseline_server(port: int, workers: int, log_path: Path) -> Server:
+def baseline_server(port: int, workers: int, log_path: Path, model: str = "serve") -> Server:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO_ROOT), env.get("PYTHONPATH", "")]))
-    return Server("baseline", _baseline_command(port, workers), port, env, log_path)
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    return Server("baseline", _baseline_command(port, workers, model), port, env, log_path)
