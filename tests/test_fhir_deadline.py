@@ -9,8 +9,11 @@ until the client closes it).
 
 from __future__ import annotations
 
+import datetime
+import ipaddress
 import select
 import socket
+import ssl
 import threading
 import time
 from typing import Any
@@ -26,14 +29,14 @@ CALLS = 20
 
 
 class DripServer:
-    def __init__(self, phase: str, interval: float = 0.05) -> None:
-        self.phase, self.interval = phase, interval
+    def __init__(self, phase: str, interval: float = 0.05, tls: ssl.SSLContext | None = None) -> None:
+        self.phase, self.interval, self.tls = phase, interval, tls
         self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind((HOST, 0))
         self.listener.listen(128)
         self.port = self.listener.getsockname()[1]
-        self.base = f"http://{HOST}:{self.port}"
+        self.base = f"{'https' if tls else 'http'}://{HOST}:{self.port}"
         self.accepted = 0
         self._open = 0
         self._lock = threading.Lock()
@@ -71,6 +74,10 @@ class DripServer:
         body = b'{"resourceType": "Bundle", "entry": [' + b" " * 99_000
         payload = head + body if self.phase == "headers" else body
         try:
+            if self.tls is not None:
+                conn.settimeout(5)
+                conn = self.tls.wrap_socket(conn, server_side=True)
+                conn.settimeout(None)
             conn.recv(65536)  # the request head (small GETs arrive in one segment on loopback)
             if self.phase == "body":
                 conn.sendall(head)
@@ -122,7 +129,7 @@ def test_dripping_server_leaves_no_thread_or_connection_behind(make_app, phase: 
             assert resp.status_code == 412
             assert fetch_threads() == []  # joined before the answer, not left running
         assert drip.accepted >= CALLS * 9  # every key was tried on every call
-        assert max(durations) < DEADLINE + 0.7
+        assert DEADLINE * 0.9 <= min(durations) and max(durations) < DEADLINE + 0.7
         assert settle(lambda: client_connections(drip.port) == 0), client_connections(drip.port)
         assert settle(lambda: drip.open_connections == 0), drip.open_connections
     assert {t.ident for t in threading.enumerate()} <= baseline_threads
@@ -151,3 +158,52 @@ def test_answers_inside_the_deadline_are_kept_while_the_late_one_is_cut() -> Non
             assert result.failed_keys == ("labResults",)
             assert set(result.fetched_keys) == set(TEMPLATES) - {"labResults"}
             assert fetch_threads() == []
+
+
+def self_signed_tls(directory) -> tuple[ssl.SSLContext, str]:
+    """A server context with a fresh self-signed certificate for 127.0.0.1, and the cert's path."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, HOST)])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(hours=1))
+            .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address(HOST))]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_path, key_path)
+    return context, str(cert_path)
+
+
+def test_dripping_tls_server_is_cut_off_too(tmp_path) -> None:
+    """Over HTTPS the reading thread is inside the TLS layer; shutting the socket down still ends it."""
+    from cds_service.config import Settings
+    from cds_service.patient_data import PatientDataGatherer
+    from tests.test_patient_data import TEMPLATES, request
+
+    context, cert = self_signed_tls(tmp_path)
+    with DripServer("body", tls=context) as drip:
+        gatherer = PatientDataGatherer(Settings.from_env(
+            {"fhir_allowlist": drip.base, "fhir_deadline": DEADLINE, "fhir_read_timeout": 0.5}, environ={}))
+        gatherer.session.verify = cert
+        for _ in range(5):
+            started = time.monotonic()
+            with pytest.raises(Exception) as err:
+                gatherer.gather(request(fhir_server=drip.base + "/fhir", token="t"), TEMPLATES)
+            assert getattr(err.value, "status", None) == 412
+            # it took the whole deadline: TLS was set up and the body was dripping (not a quick error)
+            assert DEADLINE * 0.9 <= time.monotonic() - started < DEADLINE + 0.7
+            assert fetch_threads() == []
+        assert drip.accepted >= 5 * 9
+        assert settle(lambda: client_connections(drip.port) == 0), client_connections(drip.port)
+        assert settle(lambda: drip.open_connections == 0), drip.open_connections
