@@ -156,6 +156,18 @@ def test_urls_off_the_allowlist_are_refused_before_any_request(httpserver: HTTPS
     assert not any(req.path.startswith("/files") for req, _ in httpserver.log)
 
 
+@pytest.mark.parametrize("path", ["/fhir/../files/Patient.ndjson", "/fhir/%2e%2e/files/Patient.ndjson",
+                                  "/fhir/..%2ffiles/Patient.ndjson", "/fhir/..;/files/Patient.ndjson",
+                                  "/fhir/\n/../../files/Patient.ndjson"])
+def test_output_urls_escaping_the_allowlisted_path_get_no_token(httpserver: HTTPServer, tmp_path: Path,
+                                                                 path: str) -> None:
+    exporter = BulkExporter(httpserver.url_for("/fhir"), settings_for(httpserver, tmp_path), token=TOKEN)
+    with pytest.raises(BulkExportError):
+        exporter.download({"output": [{"type": "Patient", "url": httpserver.url_for("/") + path.lstrip("/")}]},
+                          tmp_path)
+    assert not any(req.path.startswith("/files") for req, _ in httpserver.log)
+
+
 def test_cli_runs_the_export_then_the_audit(httpserver: HTTPServer, export_dir: Path, tmp_path: Path,
                                              monkeypatch, capsys) -> None:
     BulkStub(httpserver, export_dir, pending=0)

@@ -32,7 +32,7 @@ import requests
 from cds_service.audit.inputs import RECORD_TYPES
 from cds_service.config import Settings
 from cds_service.logs import get_logger
-from cds_service.patient_data import url_allowed
+from cds_service import fhir_url
 
 log = get_logger("bulk_export")
 
@@ -98,13 +98,20 @@ class BulkExporter:
         self._check(self.base)
 
     # -- helpers ----------------------------------------------------------------------------------
-    def _check(self, url: str) -> None:
-        if not url_allowed(url, self.settings.fhir_allowlist_prefixes):
-            raise BulkExportError("URL is not on CDS_FHIR_ALLOWLIST: " + url.split("?", 1)[0][:200])
+    def _check(self, url: str) -> str:
+        """`url` in normal form (`fhir_url.normalise`) when it is under CDS_FHIR_ALLOWLIST: the
+        form that is checked is the form that is sent, so the token cannot be steered elsewhere."""
+        try:
+            normal = fhir_url.normalise(url)
+        except fhir_url.UnsafeUrl as err:
+            raise BulkExportError(f"URL is not usable ({err.reason})") from None
+        if not fhir_url.allowed(normal, fhir_url.normalise_allowlist(self.settings.fhir_allowlist_prefixes)):
+            raise BulkExportError("URL is not on CDS_FHIR_ALLOWLIST: " + normal.base[:200])
+        return normal.text
 
     def _get(self, url: str, *, accept: str, with_token: bool = True, stream: bool = False,
              extra: dict[str, str] | None = None) -> requests.Response:
-        self._check(url)
+        url = self._check(url)
         headers = {"Accept": accept, **(extra or {})}
         if with_token and self.token:
             headers["Authorization"] = f"Bearer {self.token}"
