@@ -519,10 +519,39 @@ def _is_encounter_diagnosis(res: dict[str, Any]) -> bool:
                for cat in (categories if isinstance(categories, list) else ()) for c in _codings(cat))
 
 
+TEXT_MATCHED_CONDITION_SETS = frozenset({
+    "neck-pain", "red-flags", "neurological-red-flags", "neuropathic-features", "peripheral-neuropathy",
+    "compressive-causes", "mechanical-causes",
+})
+"""Sets a Condition without any standard code may establish by its text: the trigger, the neurology
+and its mechanical explanations.  Not "already handled" or risk factors: text alone never silences
+the card for a deficiency, nor adds a risk factor."""
+STANDARD_SYSTEMS = frozenset({
+    "http://snomed.info/sct", "http://hl7.org/fhir/sid/icd-10-cm", "http://hl7.org/fhir/sid/icd-10",
+    "http://hl7.org/fhir/sid/icd-9-cm", "http://loinc.org",
+})
+
+
+def _match_condition_text(knowledge: Knowledge, concept: Any) -> dict[str, Match]:
+    """A problem-list entry with no standard coding (text only, or only the EHR's own code): its
+    text and displays are matched by name, unless negated.  A standard code is authoritative, so an
+    entry that has one is never re-read from its text."""
+    if type(concept) is not dict or any(c.get("system") in STANDARD_SYSTEMS for c in _codings(concept)):
+        return {}
+    found: dict[str, Match] = {}
+    for text in dict.fromkeys(_concept_texts(concept)):
+        if text:
+            for name in knowledge.match_text_affirmed(text, TEXT_MATCHED_CONDITION_SETS):
+                found.setdefault(name, Match(text))
+    return found
+
+
 def _conditions(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
                 col: _Collector) -> None:
     for res in _dicts(resources):
         matched = {k: v for k, v in _match_concept(knowledge, res.get("code")).items() if k in CONDITION_SETS}
+        if not matched:
+            matched = _match_condition_text(knowledge, res.get("code"))
         if not matched:
             continue
         verification = _status_codes(res.get("verificationStatus"))

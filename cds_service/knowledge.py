@@ -54,6 +54,10 @@ VALUESET_NAMES: tuple[str, ...] = (
 )
 """The value set names other modules rely on (a contract: file name = ValueSet.id = name)."""
 
+NEGATION_CUES: tuple[str, ...] = tuple(f" {cue} " for cue in (
+    "no", "not", "denies", "denied", "without", "negative", "negative for", "absent", "free of",
+    "ruled out", "history of", "hx of", "h o", "resolved", "family history", "fh", "never"))
+"""Whole-word cues that negate a name found after them in free text (matched on normalized text)."""
 _WORD_CHARS = re.compile(r"[^a-z0-9]+")
 _EMPTY: frozenset[str] = frozenset()
 _CACHE_LIMIT = 50_000
@@ -129,6 +133,9 @@ class Knowledge:
     """(system, normalized code) -> {value set name: (" phrase ", ...)} for conditional concepts."""
     _cache: dict[tuple[str, str], frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
     """Memo of match_code: records repeat the same few codes (vitals, labs) thousands of times."""
+    _affirmed_cache: dict[tuple[str, frozenset[str]], dict[str, str]] = field(
+        default_factory=dict, repr=False, compare=False)
+    """Memo of match_text_affirmed (problem-list texts repeat across patients)."""
     _text_cache: dict[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
     """Memo of match_text (medication texts repeat across refills)."""
 
@@ -227,6 +234,34 @@ class Knowledge:
             if len(self._text_cache) >= _CACHE_LIMIT:
                 self._text_cache.clear()
             self._text_cache[text] = found
+        return found
+
+    def match_text_affirmed(self, text: Any, allowed: frozenset[str]) -> dict[str, str]:
+        """Value set name -> the phrase found, for the sets in `allowed` whose names appear in
+        `text` (whole words) and are not preceded by a negation cue ("no", "denies", "without",
+        "history of"... : NegEx-style pre-negation triggers, Chapman et al., J Biomed Inform
+        2001).  For free-text problem-list entries, where "Cervical spondylosis without
+        myelopathy" must not read as myelopathy."""
+        if type(text) is not str or not text:
+            return {}
+        key = (text, allowed)
+        cached = self._affirmed_cache.get(key)
+        if cached is not None:
+            return dict(cached)
+        norm = normalize_text(text)
+        found: dict[str, str] = {}
+        for phrase, vs in self._ingredients:
+            if vs in allowed and vs not in found:
+                at = norm.find(phrase)
+                if at >= 0 and not any(cue in norm[:at + 1] for cue in NEGATION_CUES):
+                    found[vs] = phrase.strip()
+        if found:
+            for phrase, vs in self._excluded:
+                if vs in found and phrase in norm:
+                    del found[vs]
+        if len(self._affirmed_cache) >= _CACHE_LIMIT:
+            self._affirmed_cache.clear()
+        self._affirmed_cache[key] = dict(found)
         return found
 
     def supported(self, name: str, system: str, code: str, texts: Any) -> bool:

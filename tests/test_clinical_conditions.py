@@ -578,3 +578,42 @@ def test_with_a_red_flag_mechanical_causes_no_longer_come_first(engine) -> None:
     detail = run(engine, acute_neck(), metformin(), cond(MYELOPATHY), cond(STENOSIS)).cards[0].detail
     assert "Mechanical causes first" not in detail and "assess these first" not in detail
     assert "**Mechanical causes (after the red flags)**" in detail
+
+
+# --- problem-list entries without a standard code ---------------------------------------------------
+
+def _text_only(text: str, local: bool = False, onset_days: int = 10) -> dict[str, Any]:
+    concept: dict[str, Any] = {"text": text}
+    if local:
+        concept["coding"] = [{"system": LOCAL, "code": "PL-1", "display": text}]
+    return cond(concept, onset_days=onset_days)
+
+
+@pytest.mark.parametrize("local", [False, True])
+def test_text_only_myelopathy_and_neck_pain_are_read(engine, local) -> None:
+    ev = run(engine, _text_only("Neck pain", local), _text_only("Cervical myelopathy - Hoffmann positive", local), metformin())
+    assert outcome(ev) == "b12-test" and ev.facts.neurological_red_flags and ev.facts.neck_pain
+
+
+@pytest.mark.parametrize("text", ["Cervical spondylosis without myelopathy", "No gait disturbance",
+                                  "History of myelopathy", "Denies numbness or tingling"])
+def test_negated_text_is_not_a_finding(engine, text) -> None:
+    ev = run(engine, acute_neck(), metformin(), _text_only(text))
+    assert not ev.facts.red_flags and not ev.facts.neuropathic and outcome(ev) == ACUTE_OR_EXPLAINED
+
+
+def test_text_only_radiculopathy_explains_tingling(engine) -> None:
+    ev = run(engine, acute_neck(), metformin(), _text_only("Tingling in right thumb"), _text_only("C6 radiculopathy"))
+    assert ev.facts.compressive and ev.facts.neuropathic and outcome(ev) == ACUTE_OR_EXPLAINED
+
+
+def test_a_standard_code_is_never_re_read_from_its_text(engine) -> None:
+    # coded as headache (SNOMED 25064002 is not in any value set); the text mentions neck pain
+    headache = cond(multi((SNOMED, "25064002", "Headache (finding)"), text="Headache and neck pain"))
+    assert not run(engine, headache, metformin()).facts.neck_pain
+
+
+def test_text_never_silences_the_card(engine) -> None:
+    # "B12 deficiency" typed as text is not a confirmed, coded diagnosis: it does not suppress
+    ev = run(engine, neck_pain(onset_days=200), metformin(), condition("91019004"), _text_only("Vitamin B12 deficiency"))
+    assert outcome(ev) == "b12-test"
