@@ -20,11 +20,22 @@ if TYPE_CHECKING:
     from cds_service.cors import OriginPolicy
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+PACKAGE_DATA = Path(__file__).resolve().parent / "_data"
+"""Where a wheel installs the default `cards/` and `valuesets/` (see setup.py)."""
 ENV_PREFIX = "CDS_"
 
 
-def _default_dir(name: str) -> str:
-    return str(REPO_ROOT / name)
+def _default_knowledge_dir(name: str) -> str:
+    """The default `cards` or `valuesets` folder: the copy shipped inside an installed package,
+    else the repository's own folder (source checkout, editable install)."""
+    shipped = PACKAGE_DATA / name
+    return str(shipped if shipped.is_dir() else REPO_ROOT / name)
+
+
+def _default_data_dir() -> str:
+    """`data/` in the source tree; for an installed package, `data/` in the working directory
+    (never inside site-packages)."""
+    return str(Path("data").resolve() if PACKAGE_DATA.is_dir() else REPO_ROOT / "data")
 
 
 @dataclass(frozen=True)
@@ -32,9 +43,9 @@ class Settings:
     """Runtime configuration. Field `foo_bar` is read from `CDS_FOO_BAR`."""
 
     # --- knowledge files -------------------------------------------------------------------
-    cards_dir: str = field(default_factory=lambda: _default_dir("cards"))
+    cards_dir: str = field(default_factory=lambda: _default_knowledge_dir("cards"))
     """Folder with the card definitions (text, links, override reasons)."""
-    valuesets_dir: str = field(default_factory=lambda: _default_dir("valuesets"))
+    valuesets_dir: str = field(default_factory=lambda: _default_knowledge_dir("valuesets"))
     """Folder with the FHIR ValueSet JSON files the facts are matched against."""
 
     # --- clinical rule parameters (defaults from issue #2; sources in docs/rules.md) -------
@@ -99,7 +110,7 @@ class Settings:
     the data directory when empty)."""
 
     # --- storage -----------------------------------------------------------------------------
-    data_dir: str = field(default_factory=lambda: _default_dir("data"))
+    data_dir: str = field(default_factory=_default_data_dir)
     database_url: str = ""
     """`postgresql://...` for shared storage across replicas; empty: SQLite in `data_dir`."""
 

@@ -346,7 +346,9 @@ class RequestVerifier:
         except AuthFailure as failure:
             log.warning("unauthorized", extra={"event": "auth_rejected", "reason": failure.reason,
                                                "path": request.path, **context})
-            raise CdsError(401, "unauthorized") from None
+            error = CdsError(401, "unauthorized")
+            error.log_reason = f"unauthorized: {failure.reason}"  # for the server's log only
+            raise error from None
         log.debug("authorized", extra={"event": "auth_ok", "path": request.path, **context})
         return claims, issuer
 
@@ -451,6 +453,12 @@ class RequestVerifier:
         except jwt.ImmatureSignatureError:
             raise AuthFailure("not_yet_valid") from None
         except jwt.InvalidAudienceError:
+            # The signature was good (PyJWT checks it before the claims): say which URL the
+            # client signed for, so an integrator sees e.g. localhost vs 127.0.0.1 at once.
+            received = jwt.decode(token, options={"verify_signature": False}).get("aud")
+            log.warning("wrong_aud", extra={"event": "auth_wrong_aud", "detail": (
+                f"expected aud {audience!r} (CDS_PUBLIC_BASE_URL + path, else this request's "
+                f"host + path), received {_loggable(received, 300)!r}")})
             raise AuthFailure("wrong_aud") from None
         except jwt.MissingRequiredClaimError as exc:
             raise AuthFailure(f"missing_{exc.claim}") from None

@@ -96,12 +96,11 @@ def test_every_reason_code_has_its_row_in_the_rules_table() -> None:
 
 # --- over HTTP: demo and dev modes only ------------------------------------------------------
 
-import logging  # noqa: E402
-
 import pytest  # noqa: E402
 
 from cds_service.http.hooks import EXPLANATION_EXTENSION  # noqa: E402
 from cds_service.record import PREFETCH_KEYS  # noqa: E402
+from tests.log_capture import service_log  # noqa: E402,F401 (fixture)
 from tests.servers import hook_body, searchset  # noqa: E402
 
 
@@ -114,11 +113,10 @@ def _prefetch() -> dict:
 
 
 @pytest.mark.parametrize("mode", [{"dev_mode": True}, {"demo_mode": True}])
-def test_hook_answer_carries_the_explanation_in_dev_and_demo_modes(make_app, mode, caplog) -> None:
+def test_hook_answer_carries_the_explanation_in_dev_and_demo_modes(make_app, mode, service_log) -> None:
     client = make_app(**mode).test_client()
-    with caplog.at_level(logging.DEBUG):
-        resp = client.post("/cds-services/b12-neck-pain-patient-view",
-                           json=hook_body(patient_id="p1", prefetch=_prefetch()))
+    resp = client.post("/cds-services/b12-neck-pain-patient-view",
+                       json=hook_body(patient_id="p1", prefetch=_prefetch()))
     assert resp.status_code == 200
     answer = resp.get_json()
     expl = answer["extension"][EXPLANATION_EXTENSION]
@@ -126,7 +124,8 @@ def test_hook_answer_carries_the_explanation_in_dev_and_demo_modes(make_app, mod
     assert expl["facts"]["neck_pain"][0]["reference"] == "Condition/np1"
     assert expl["data_sources"]["prefetched"] == sorted(PREFETCH_KEYS)
     # The explanation holds record ids: none of it goes to the logs.
-    assert "np1" not in caplog.text and "met1" not in caplog.text
+    assert service_log.events("hook"), "the hook's log line was captured"
+    assert "np1" not in service_log.text and "met1" not in service_log.text and "81680005" not in service_log.text
 
 
 def test_production_answer_has_no_explanation(make_app) -> None:

@@ -91,8 +91,20 @@ def register(app: Flask) -> None:
             response.headers.setdefault(name, value)
         return response
 
+    @app.after_request
+    def _log_client_error(response: Response) -> Response:
+        # Every 4xx leaves a line on the service side, so an integrator whose EHR got one can see
+        # why.  The reason is our own diagnostics (field names, limits), never request values.
+        if 400 <= response.status_code < 500:
+            log.warning("client_error", extra={
+                "event": "client_error", "status": response.status_code, "method": request.method,
+                "path": request.path[:200], "hook_instance": g.get("hook_instance"),
+                "reason": g.get("error_reason", HTTP_MESSAGES.get(response.status_code))})
+        return response
+
     @app.errorhandler(CdsError)
     def _cds_error(err: CdsError) -> Response:
+        g.error_reason = getattr(err, "log_reason", None) or err.diagnostics[:300]
         response = json_response(err.outcome(), err.status)
         if err.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750; no detail on purpose
@@ -101,7 +113,8 @@ def register(app: Flask) -> None:
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException) -> Response:
         status = err.code or 500
-        response = outcome_response(status, HTTP_MESSAGES.get(status, err.name))
+        g.error_reason = HTTP_MESSAGES.get(status, err.name)
+        response = outcome_response(status, g.error_reason)
         # Keep protocol headers werkzeug computed (e.g. `Allow` on 405, required by RFC 9110).
         for name, value in err.get_headers():
             if name.lower() != "content-type":

@@ -66,6 +66,7 @@ def prefetch_templates(hook: str) -> dict[str, str]:
 
 
 @blueprint.get("/cds-services")
+@blueprint.get("/cds-services/")  # some EHRs and the sandbox's URL field add the slash
 def discovery() -> Response:
     """CDS Hooks discovery: one service per hook, with the prefetch templates the rules need."""
     entries = []
