@@ -23,6 +23,7 @@ filler (marked there as unverified synthetic load, in no value set).
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -172,30 +173,37 @@ def write_population(directory: str | Path, patients: int, *, seed: int = 1, tod
     w = _Writer(today, rng)
     fault_counts = {"unreadable_units": 0, "invalid_resources": 0, "without_patient_reference": 0,
                     "not_json_lines": 0, "patients_without_patient_resource": 0}
-    # Each type file gets its patients in a different order: a few interleaved buckets.
-    buckets: dict[str, list[list[bytes]]] = {t: [[] for _ in range(3)] for t in TYPES}
+    # Each type file gets its patients in a different order: three interleaved buckets, written
+    # to their own files as they are generated (memory stays flat) and concatenated at the end.
+    buckets = {(t, b): open(out / f".{t}.{b}.part", "wb") for t in TYPES for b in range(3)}
     dumps = orjson.dumps
     total = 0
-    for i in range(patients):
-        pid = f"{prefix}{i:07d}"
-        drop_patient = faults and rng.random() < 0.003
-        for res in _patient_resources(w, pid, faults, fault_counts):
-            rtype = res["resourceType"]
-            if rtype == "Patient" and drop_patient:
-                fault_counts["patients_without_patient_resource"] += 1
-                continue
-            bucket = (i + TYPES.index(rtype)) % 3
-            buckets[rtype][bucket].append(dumps(res))
-            total += 1
-    if faults:
-        buckets["Observation"][0].append(b'{"resourceType": "Observation", "id": "truncated-')
-        fault_counts["not_json_lines"] += 1
-    for rtype, parts in buckets.items():
-        with open(out / f"{rtype}.ndjson", "wb") as f:
-            for part in parts:
-                if part:
-                    f.write(b"\n".join(part))
-                    f.write(b"\n")
+    try:
+        for i in range(patients):
+            pid = f"{prefix}{i:07d}"
+            drop_patient = faults and rng.random() < 0.003
+            for res in _patient_resources(w, pid, faults, fault_counts):
+                rtype = res["resourceType"]
+                if rtype == "Patient" and drop_patient:
+                    fault_counts["patients_without_patient_resource"] += 1
+                    continue
+                f = buckets[(rtype, (i + TYPES.index(rtype)) % 3)]
+                f.write(dumps(res))
+                f.write(b"\n")
+                total += 1
+        if faults:
+            buckets[("Observation", 0)].write(b'{"resourceType": "Observation", "id": "truncated-\n')
+            fault_counts["not_json_lines"] += 1
+    finally:
+        for f in buckets.values():
+            f.close()
+    for rtype in TYPES:
+        with open(out / f"{rtype}.ndjson", "wb") as target:
+            for b in range(3):
+                part = out / f".{rtype}.{b}.part"
+                with open(part, "rb") as source:
+                    shutil.copyfileobj(source, target, 1 << 20)
+                part.unlink()
     return Population(directory=out, patients=patients, resources=total, faults=fault_counts)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import orjson
 
+from cds_service.app import tune_garbage_collector
 from cds_service.audit.shards import read_shard
 from cds_service.config import Settings
 from cds_service.engine import ClinicalEngine, Evaluation
@@ -31,10 +32,15 @@ _ENGINES: dict[Settings, ClinicalEngine] = {}
 
 
 def engine_for(settings: Settings) -> ClinicalEngine:
-    """One engine per process and settings (value sets and card texts are loaded once)."""
+    """One engine per process and settings (value sets and card texts are loaded once).
+
+    The first load also applies the service's garbage-collector settings (a worker evaluates
+    thousands of patients, as a service worker does: same tuning, same per-patient cost)."""
     engine = _ENGINES.get(settings)
     if engine is None:
         engine = _ENGINES[settings] = ClinicalEngine.load(settings)
+        if len(_ENGINES) == 1:
+            tune_garbage_collector()
     return engine
 
 

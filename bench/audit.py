@@ -1,0 +1,179 @@
+"""Benchmark of `b12-cds audit`: patients per second per core, peak memory, speed-up to all cores.
+
+    .venv/bin/python -m bench.audit                    # 100,000 patients, 1 worker then all cores
+    .venv/bin/python -m bench.audit --patients 2000    # quick look
+
+1. Generate the population (`bench/population.py`, NDJSON per resource type) in a temporary
+   directory on disk.
+2. Baseline, the in-process engine's per-patient cost: a sample population from the same
+   generator (different ids) is grouped in memory and each `PatientRecord` is evaluated with
+   `ClinicalEngine.evaluate` in this process (a fresh engine, so validation verdicts are cold as
+   they are for an export: every resource is new).  Only the engine is timed.
+3. The audit (`run_audit`, the CLI's code path, progress bars off) on 1 worker, then on every
+   usable core.  Per-patient cost per core = wall time x workers / patients (so it includes
+   reading, sharding, the pool's start-up and the merge).  Peak memory: the largest RSS of any
+   worker process (`RUSAGE_CHILDREN`) and of the driver.
+
+Targets: per-patient cost per core within 1.3x of the engine's; speed-up near-linear
+(>= 0.8 x cores).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shlex
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from bench.common import machine
+from cds_service.app import tune_garbage_collector
+from bench.population import REFERENCE_DATE, patient_resources, write_population
+from cds_service.audit.evaluate import hook_request_for
+from cds_service.audit.runner import run_audit, usable_cores
+from cds_service.config import Settings
+from cds_service.engine import ClinicalEngine
+from cds_service.record import PatientRecord
+
+NOW = datetime(REFERENCE_DATE.year, REFERENCE_DATE.month, REFERENCE_DATE.day, 12, tzinfo=timezone.utc)
+TARGET_RATIO = 1.3
+TARGET_EFFICIENCY = 0.8
+
+
+class ChildPeak:
+    """Largest VmHWM (the process's own peak RSS; fresh after exec, unlike ru_maxrss) of this
+    process's children, sampled from /proc while a run goes on."""
+
+    def __init__(self) -> None:
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        me = str(os.getpid())
+        while not self._stop.wait(0.1):
+            for entry in os.listdir("/proc"):
+                if not entry.isdigit():
+                    continue
+                try:
+                    status = Path(f"/proc/{entry}/status").read_text()
+                except OSError:
+                    continue
+                fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+                if fields.get("PPid", "").strip() == me and "VmHWM" in fields:
+                    self.peak_kib = max(self.peak_kib, int(fields["VmHWM"].split()[0]))
+
+    def __enter__(self) -> "ChildPeak":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def engine_cost(directory: Path, settings: Settings) -> tuple[float, float, int]:
+    """(wall, CPU) seconds per patient of `ClinicalEngine.evaluate` over the patients under
+    `directory`, with the service's GC settings (as the audit's workers and the service use)."""
+    engine = ClinicalEngine.load(settings)
+    records = [(pid, PatientRecord.from_resources(res)) for pid, res in patient_resources(directory).items()]
+    records = [(pid, r) for pid, r in records if r.patient is not None]
+    tune_garbage_collector()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for pid, record in records:
+        engine.evaluate(record, hook_request_for(pid), NOW)
+    n = len(records)
+    return (time.perf_counter() - wall) / n, (time.process_time() - cpu) / n, n
+
+
+def run(patients: int, sample: int, workers_all: int, tmp: Path) -> dict[str, Any]:
+    settings = Settings.from_env({"log_level": "ERROR", "data_dir": str(tmp / "data")})
+    t0 = time.perf_counter()
+    population = write_population(tmp / "export", patients, seed=42)
+    generate_s = time.perf_counter() - t0
+    size = sum(p.stat().st_size for p in population.directory.glob("*.ndjson"))
+    runs = []
+    with ChildPeak() as peak:
+        for workers in sorted({1, workers_all}):
+            cpu0, self0 = _children_cpu(), time.process_time()
+            load = os.getloadavg()[0]
+            audit = run_audit([population.directory], tmp / f"work-{workers}", settings, now=NOW, workers=workers,
+                              progress=False)
+            cpu = _children_cpu() - cpu0 + time.process_time() - self0
+            n = audit.tally["patients_evaluated"]
+            runs.append({"workers": workers, "seconds": audit.seconds, "patients": n, "shards": audit.shards,
+                         "partitions": audit.partitions, "wall_per_patient_core": audit.seconds * workers / n,
+                         "cpu_per_patient": cpu / n, "load": load,
+                         "cards": sum(audit.tally.get("cards", {}).values())})
+    driver_before_baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    baseline = write_population(tmp / "sample", sample, seed=43, prefix="s")
+    wall_pp, cpu_pp, sampled = engine_cost(baseline.directory, settings)
+    return {"patients": patients, "resources": population.resources, "bytes": size, "generate_s": generate_s,
+            "engine_wall": wall_pp, "engine_cpu": cpu_pp, "engine_sampled": sampled, "runs": runs,
+            "worker_peak_rss_mib": peak.peak_kib / 1024, "driver_peak_rss_mib": driver_before_baseline}
+
+
+def markdown(result: dict[str, Any], command: str) -> list[str]:
+    lines = ["## Population audit (`b12-cds audit`)", "",
+             f"Command: `{command}` (from the repository root, with the project's venv)", ""]
+    lines += ["| machine | |", "| --- | --- |"] + [f"| {k} | {v} |" for k, v in machine().items()] + [""]
+    lines.append(f"Population: {result['patients']:,} patients, {result['resources']:,} resources, "
+                 f"{result['bytes'] / 2**20:,.0f} MiB of NDJSON (generated in {result['generate_s']:.1f} s). "
+                 f"Engine baseline: `ClinicalEngine.evaluate` in-process on {result['engine_sampled']:,} patients "
+                 f"of the same generator: **{result['engine_cpu'] * 1e6:,.0f} µs CPU per patient** "
+                 f"({result['engine_wall'] * 1e6:,.0f} µs wall).")
+    lines += ["", "Cost per patient per core: CPU seconds of the driver and all workers / patients (what a core "
+                  "spends, independent of other load on the machine); wall x workers / patients beside it.", "",
+              "| workers | shards | load avg at start | wall s | patients/s | patients/s per core "
+              "| CPU µs per patient | ratio to engine (CPU) | wall µs x cores per patient | speed-up (wall) | efficiency |",
+              "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    one = result["runs"][0]
+    for r in result["runs"]:
+        speedup = one["seconds"] / r["seconds"]
+        lines.append(f"| {r['workers']} | {r['shards']} | {r['load']:.2f} | {r['seconds']:.1f} | "
+                     f"{r['patients'] / r['seconds']:,.0f} | {r['patients'] / r['seconds'] / r['workers']:,.0f} | "
+                     f"{r['cpu_per_patient'] * 1e6:,.0f} | {r['cpu_per_patient'] / result['engine_cpu']:.2f} | "
+                     f"{r['wall_per_patient_core'] * 1e6:,.0f} | {speedup:.2f} | {speedup / r['workers']:.2f} |")
+    last = result["runs"][-1]
+    ratio = max(r["cpu_per_patient"] for r in result["runs"]) / result["engine_cpu"]
+    efficiency = one["seconds"] / last["seconds"] / last["workers"]
+    lines += ["", f"Peak memory: largest worker process {result['worker_peak_rss_mib']:.0f} MiB (VmHWM), "
+                  f"driver {result['driver_peak_rss_mib']:.0f} MiB (before the in-memory baseline sample).",
+              "", f"Targets: cost per patient per core within {TARGET_RATIO}x of the engine's: "
+                  f"{ratio:.2f}x, {'met' if ratio <= TARGET_RATIO else '**NOT met**'}; "
+                  f"near-linear speed-up (efficiency >= {TARGET_EFFICIENCY}): {efficiency:.2f}, "
+                  f"{'met' if efficiency >= TARGET_EFFICIENCY else '**NOT met** (see the load average: the speed-up needs a quiet machine)'}."]
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.audit", description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=100_000)
+    parser.add_argument("--sample", type=int, default=10_000, help="patients in the engine baseline")
+    parser.add_argument("--workers", type=int, default=usable_cores(), help="the 'all cores' run (default: usable)")
+    parser.add_argument("--tmp", type=Path, help="directory for the export and shards (default: system temp)")
+    parser.add_argument("--out", type=Path, help="also write the markdown section to this file")
+    args = parser.parse_args(argv)
+    command = "python -m bench.audit" + ("" if not (argv or sys.argv[1:]) else " " + shlex.join(argv or sys.argv[1:]))
+    with tempfile.TemporaryDirectory(prefix="b12-bench-audit-", dir=args.tmp) as tmp:
+        result = run(args.patients, args.sample, args.workers, Path(tmp))
+    lines = markdown(result, command)
+    print("\n".join(lines))
+    if args.out:
+        args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
