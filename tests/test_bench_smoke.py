@@ -36,3 +36,15 @@ def test_inprocess_harness_produces_card_and_ratio(tmp_path) -> None:
 
 def test_card_check_rejects_an_empty_answer() -> None:
     assert card_problems(b'{"cards": []}') == ["no card"]
+
+
+def test_audit_benchmark_harness(tmp_path) -> None:
+    from bench.audit import markdown, run
+
+    result = run(150, 60, 2, tmp_path)
+    one, two = result["runs"]
+    assert (one["workers"], two["workers"]) == (1, 2)
+    assert one["patients"] == two["patients"] > 140 and one["cards"] == two["cards"] > 0
+    assert result["engine_cpu"] > 0 and result["worker_peak_rss_mib"] > 10
+    text = "\n".join(markdown(result, "python -m bench.audit"))
+    assert "ratio to engine (CPU)" in text and "Peak memory" in text

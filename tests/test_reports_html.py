@@ -47,3 +47,23 @@ def test_endpoint_answers_html_only_when_asked(client) -> None:
     assert browser.mimetype == "text/html" and b"feedback report" in browser.data
     bad = client.get("/admin/feedback-report?since=yesterday", headers={"Accept": "text/html"})
     assert bad.status_code == 400 and bad.get_json()["resourceType"] == "OperationOutcome"
+
+
+def test_suppressions_by_reason_use_the_display_texts() -> None:
+    from cds_service.cards import CardTexts
+
+    common = CardTexts.load(Settings().cards_dir).common
+    data = report(suppressed=2, silent=1, locked_out=0)
+    data["suppressions"] = {"created": 3, "active": 2, "by_reason": [
+        {"kind": "b12-test", "outcome": "overridden", "system": common["override_reason_system"],
+         "code": "tested-elsewhere", "display": None, "created": 2, "active": 1},
+        {"kind": "b12-test", "outcome": "accepted", "system": None, "code": None, "display": None,
+         "created": 1, "active": 1}]}
+    html = render_feedback_html(data, Settings())
+    section = html[html.index('<section id="suppressions-by-reason">'):]
+    section = section[:section.index("</section>")]
+    assert "<svg" in section
+    assert f">{common['override_reasons']['tested-elsewhere']}<" in section
+    assert ">Suggestion accepted<" in section and "tested-elsewhere" not in section
+    withheld = html[html.index('<section id="suppressions">'):]
+    assert ">Locked out<" in withheld[:withheld.index("</section>")]

@@ -24,6 +24,7 @@ from cds_service.reports.labels import kind_label, override_reason_label
 _ENV = Environment(autoescape=True, trim_blocks=True, lstrip_blocks=True)
 WITHHELD_WORDS = ("suppress", "silent", "locked", "lockout", "withheld")
 _KNOWN_KIND_FIELDS = {"kind", "issued", "with_feedback", "accepted", "overridden", "acceptance_rate",
+                      "suppressed_by_reason",
                       "override_reasons", "overridden_without_coded_reason", "overridden_with_comment_only"}
 
 _PAGE = _ENV.from_string("""<!doctype html>
@@ -257,6 +258,28 @@ def render_feedback_html(report: Mapping[str, Any], settings: Settings) -> str:
     elif kinds:
         sections.append(_section("suppressions", "Suppressed and silent cards",
                                  text="The report carries no suppressed or silent cards."))
+
+    suppressions = report.get("suppressions")
+    by_reason = suppressions.get("by_reason") if isinstance(suppressions, Mapping) else None
+    if isinstance(by_reason, list) and by_reason:
+        totals_by_label: dict[str, float] = {}
+        rows = []
+        for r in by_reason:
+            if not isinstance(r, Mapping):
+                continue
+            label = (override_reason_label(r, common) if r.get("code") else
+                     "Suggestion accepted" if r.get("outcome") == "accepted" else "Overridden without a coded reason")
+            created = r.get("created", 0) if isinstance(r.get("created"), (int, float)) else 0
+            totals_by_label[label] = totals_by_label.get(label, 0) + created
+            rows.append((label, kind_label(str(r.get("kind", ""))), _num(created), _num(r.get("active"))))
+        ranked_s = sorted(totals_by_label.items(), key=lambda kv: -kv[1])
+        sections.append(_section(
+            "suppressions-by-reason", "Suppressions, by the feedback that caused them",
+            chart=charts.bar_chart("Suppressions created, by reason", [r for r, _ in ranked_s],
+                                   [c for _, c in ranked_s], xlabel="suppressions", color=charts.PALETTE[4]),
+            caption=f"{_num(suppressions.get('created'))} created in this period, {_num(suppressions.get('active'))} "
+                    "still running.",
+            header=("reason", "card", "created", "still running"), rows=rows))
 
     per_1000 = report.get("per_1000_patients") or report.get("firing_rate_per_1000")
     if isinstance(per_1000, Mapping) and per_1000:
