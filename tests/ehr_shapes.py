@@ -133,17 +133,30 @@ def lab_result(draw: st.DrawFn, pid: str, rid: str) -> dict[str, Any]:
     }
     if draw(st.integers(0, 5)):
         res[draw(st.sampled_from(["effectiveDateTime", "issued"]))] = f"{day(draw(st.integers(0, 900)))}T08:00:00Z"
+    value: dict[str, Any]
     if name == "mma-lab":
-        res["valueQuantity"] = {"value": draw(st.sampled_from([0.2, 0.36, 0.5, 0.9])), "unit": "umol/L",
-                                "system": UCUM, "code": "umol/L"}
+        value = {"valueQuantity": {"value": draw(st.sampled_from([0.2, 0.36, 0.5, 0.9])), "unit": "umol/L",
+                                   "system": UCUM, "code": "umol/L"}}
     else:
         unit = draw(st.sampled_from(["pg/mL", "ng/L", "pmol/L"]))
-        qty: dict[str, Any] = {"value": draw(st.sampled_from([95, 150, 179, 180, 260, 350, 351, 420, 900]))}
-        if draw(st.integers(0, 3)):
-            qty.update(unit=unit, system=UCUM, code=unit)
+        number = draw(st.sampled_from([95, 150, 179, 180, 260, 350, 351, 420, 900]))
+        shape = draw(st.sampled_from(["ucum", "ucum", "unit-text", "string", "censored"]))
+        if shape == "ucum":
+            value = {"valueQuantity": {"value": number, "unit": unit, "system": UCUM, "code": unit}}
+        elif shape == "unit-text":
+            value = {"valueQuantity": {"value": number, "unit": unit}}  # no UCUM code
+        elif shape == "string":
+            value = {"valueString": f"{number} {unit}"}
         else:
-            qty["unit"] = unit  # unit text only, no UCUM code
-        res["valueQuantity"] = qty
+            value = {"valueString": draw(st.sampled_from(["<150", "< 150 pg/mL", ">2000"]))}
+    if draw(st.integers(0, 4)) == 0:  # a panel: the result is a component under the panel's code
+        panel = "Vitamin B12 and folate panel"
+        res["component"] = [{"code": res["code"], **value},
+                            {"code": {"coding": [_local("Folate", draw)], "text": "Folate"},
+                             "valueQuantity": {"value": 7.5, "unit": "ng/mL", "system": UCUM, "code": "ng/mL"}}]
+        res["code"] = {"coding": [_local(panel, draw)], "text": panel}
+    else:
+        res.update(value)
     return res
 
 
@@ -193,8 +206,8 @@ def medication(draw: st.DrawFn, pid: str, rid: str) -> list[dict[str, Any]]:
     name = draw(st.sampled_from(MEDICATION_VALUESETS + ("unrelated",)))
     if name == "unrelated":
         concept = draw(unrelated())
-    elif draw(st.integers(0, 3)) == 0:  # text only: an ingredient name in the product's text
-        ingredient = draw(st.sampled_from(KNOWLEDGE.valuesets[name].ingredient_names))
+    elif draw(st.integers(0, 3)) == 0:  # text only: an ingredient or brand name in the product's text
+        ingredient = draw(st.sampled_from(_names(name)))
         concept = {"text": f"{ingredient.capitalize()} {draw(st.sampled_from(['500 mg tablet', '20 mg capsule', '1 mg/mL injection']))}"}
     else:
         concept = draw(coded(name))
@@ -232,10 +245,23 @@ def procedure(draw: st.DrawFn, pid: str, rid: str) -> dict[str, Any]:
     return res
 
 
+def _names(name: str) -> list[str]:
+    """The names the text matcher knows for a value set (ingredients, brands, test names)."""
+    vs = KNOWLEDGE.valuesets[name]
+    return list(dict.fromkeys(vs.ingredient_names + getattr(vs, "synonyms", ())))
+
+
 @st.composite
 def service_request(draw: st.DrawFn, pid: str, rid: str) -> dict[str, Any]:
     name = draw(st.sampled_from(["b12-lab", "mma-lab"]))
-    concept = draw(coded(name, observation=True)) if draw(st.integers(0, 4)) else draw(unrelated())
+    shape = draw(st.sampled_from(["coded", "coded", "local", "unrelated"]))
+    if shape == "coded":
+        concept = draw(coded(name, observation=True))
+    elif shape == "local" and _names(name):  # the EHR's own orderable code, the test named in text
+        text = draw(st.sampled_from(_names(name))).title()
+        concept = {"coding": [_local(text, draw)], "text": text}
+    else:
+        concept = draw(unrelated())
     return {"resourceType": "ServiceRequest", "id": rid, "subject": _ref(pid), "code": concept,
             "status": draw(st.sampled_from(["active", "active", "on-hold", "completed", "revoked", "draft"])),
             "intent": draw(st.sampled_from(["order", "order", "plan"])),

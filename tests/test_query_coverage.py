@@ -101,6 +101,12 @@ def selects(template: str, resource: dict[str, Any]) -> bool:
         elif name == "status":
             if resource.get("status") not in value.split(","):
                 return False
+        elif path == "Observation" and name in ("combo-code", "component-code"):
+            concepts = [c.get("code") for c in resource.get("component", []) if isinstance(c, dict)]
+            if name == "combo-code":
+                concepts.append(resource.get("code"))
+            if not any(_token_matches(c, value) for c in concepts):
+                return False
         elif (path, name) in TOKEN_ELEMENTS:
             if not _token_matches(resource.get(TOKEN_ELEMENTS[(path, name)]), value):
                 return False
@@ -115,11 +121,15 @@ SUBJECT = {"reference": f"Patient/{PATIENT_ID}"}
 PATIENT = {"resourceType": "Patient", "id": PATIENT_ID, "birthDate": "1990-01-01"}
 
 
-def placements(system: str, code: str) -> Iterator[tuple[str, dict[str, Any]]]:
+def placements(system: str | None, code: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """(where, resource) for the code as each resource type the service gathers would carry it,
-    alongside a local coding (EHRs send several codings per concept)."""
-    concept = {"coding": [{"system": LOCAL, "code": "L-1", "display": "local"},
-                          {"system": system, "code": code}]}
+    alongside a local coding (EHRs send several codings per concept).  With `system` None, `code`
+    is a name and the concept is the EHR's local code with that text (a text-only entry)."""
+    if system is None:
+        concept = {"coding": [{"system": LOCAL, "code": "L-2", "display": code}], "text": code}
+    else:
+        concept = {"coding": [{"system": LOCAL, "code": "L-1", "display": "local"},
+                              {"system": system, "code": code}]}
     local_only = {"coding": [{"system": LOCAL, "code": "Q-1"}], "text": "question"}
     when = "2025-05-01"
     yield "Observation.code", {
@@ -129,6 +139,11 @@ def placements(system: str, code: str) -> Iterator[tuple[str, dict[str, Any]]]:
     yield "Observation.code (no value)", {
         "resourceType": "Observation", "id": "o2", "status": "final", "code": concept,
         "subject": SUBJECT, "effectiveDateTime": when}
+    yield "Observation.component", {
+        "resourceType": "Observation", "id": "o4", "status": "final", "code": local_only,
+        "subject": SUBJECT, "effectiveDateTime": when,
+        "component": [{"code": concept,
+                       "valueQuantity": {"value": 300, "unit": "pg/mL", "system": UCUM, "code": "pg/mL"}}]}
     yield "Observation.value", {
         "resourceType": "Observation", "id": "o3", "status": "final", "code": local_only,
         "subject": SUBJECT, "effectiveDateTime": when, "valueCodeableConcept": concept}
@@ -198,18 +213,30 @@ def test_rendered_templates_stay_short(templates: dict[str, str]) -> None:
         assert len(rendered) < MAX_QUERY_CHARS, f"{key}: {len(rendered)} characters"
 
 
+def concepts_of(knowledge: Knowledge) -> Iterator[tuple[str, str | None, str]]:
+    """(value set, system, code) for every exact code of every loaded value set, and (value set,
+    None, name) for every name the text matcher knows (ingredients, brand names, test names)."""
+    for name, vs in knowledge.valuesets.items():
+        for system, code in knowledge.valueset_codes(name):
+            yield name, system, code
+        for text in dict.fromkeys(vs.ingredient_names + getattr(vs, "synonyms", ())):
+            yield name, None, text
+
+
 def test_every_code_the_matcher_reads_is_asked_for(knowledge: Knowledge, templates: dict[str, str]) -> None:
+    """Codes, and text-only entries: whatever the matcher reads from one resource, some
+    template returns that resource."""
     baseline = decision_facts(knowledge)
     read = missed = 0
-    for name in VALUESET_NAMES:
-        for system, code in knowledge.valueset_codes(name):
+    for name, system, code in concepts_of(knowledge):
             for where, res in placements(system, code):
                 if decision_facts(knowledge, res) == baseline:
                     continue  # the matcher does not read this code there
                 read += 1
                 if not any(selects(t, res) for k, t in templates.items() if k != "patient"):
                     missed += 1
-                    pytest.fail(f"the matcher reads {system}|{code} ({name}) from {where}, "
+                    what = f"{system}|{code}" if system else f"the text {code!r}"
+                    pytest.fail(f"the matcher reads {what} ({name}) from {where}, "
                                 "but no prefetch template asks for it")
     assert read > 100 and missed == 0  # not vacuous: most codes are read somewhere
 
