@@ -39,7 +39,7 @@ from tests.servers import hook_body, http_ok, sekmet_server
 pytestmark = pytest.mark.integration
 
 NOW = datetime.combine(ehr_shapes.TODAY, datetime.min.time(), timezone.utc).replace(hour=10)
-EXAMPLES = 100
+EXAMPLES = 60
 HOOK = "patient-view"
 _ids = itertools.count(1)
 
