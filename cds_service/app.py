@@ -39,6 +39,7 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
     from cds_service import http, logs
     from cds_service.engine import ClinicalEngine
     from cds_service.patient_data import PatientDataGatherer
+    from cds_service.policy import build_policy
     from cds_service.secret_files import ensure_private_dir
     from cds_service.security import RequestVerifier
     from cds_service.store import Store
@@ -53,12 +54,20 @@ def create_app(config: Mapping[str, Any] | None = None) -> Flask:
         # The directory holds the SQLite database and/or generated keys: owner-only.
         ensure_private_dir(Path(settings.data_dir))
     store = Store.open(settings)
+    engine = ClinicalEngine.load(settings)
+    from cds_service.http.hooks import load_service_definitions
+
+    common = engine.texts.common
+    policy = build_policy(settings, store, common["override_reason_system"],
+                          frozenset(common["override_reasons"]), frozenset(engine.texts.kinds),
+                          frozenset(load_service_definitions(settings.cards_dir)))
     app.extensions[EXTENSION_KEY] = Services(
         settings=settings,
-        engine=ClinicalEngine.load(settings),
+        engine=engine,
         store=store,
         verifier=RequestVerifier(settings, store),
         patient_data=PatientDataGatherer(settings),
+        policy=policy,
     )
     http.register(app)
     tune_garbage_collector()

@@ -66,6 +66,15 @@ class Settings:
     encounter_diagnosis_days: int = 180
     """An encounter diagnosis without a clinical status counts only while this recent."""
 
+    # --- alert governance (suppression periods are data: cards/suppression.json) -----------
+    encounter_lockout_hours: int = 24
+    """order-select / order-sign do not repeat a card kind already shown in the same encounter
+    within this many hours, unless the situation changed; 0 turns the lockout off."""
+    silent_services: str = ""
+    """Comma-separated service ids in silent mode: evaluated and recorded, no cards returned."""
+    silent_card_kinds: str = ""
+    """Comma-separated card kinds in silent mode (low-b12, mma-test, b12-test), on every service."""
+
     # --- protocol limits -------------------------------------------------------------------
     max_body_bytes: int = 5 * 1024 * 1024
     max_json_depth: int = 64
@@ -155,6 +164,14 @@ class Settings:
     @property
     def fhir_allowlist_prefixes(self) -> list[str]:
         return [p.strip() for p in self.fhir_allowlist.split(",") if p.strip()]
+
+    @property
+    def silent_service_set(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.silent_services.split(",") if p.strip())
+
+    @property
+    def silent_card_kind_set(self) -> frozenset[str]:
+        return frozenset(p.strip() for p in self.silent_card_kinds.split(",") if p.strip())
 
     @property
     def trusted_issuer_map(self) -> dict[str, dict[str, Any]]:

@@ -3,13 +3,20 @@
 Contract used by the HTTP layer:
     engine = ClinicalEngine.load(settings)
     engine.knowledge, engine.valueset_codes(name)
-    evaluation = engine.evaluate(record, hook_request, now=None)
+    evaluation = engine.evaluate(record, hook_request, now=None, policy=None)
+
+`policy` (the HTTP layer passes cds_service.policy.AlertPolicy.decide, bound to the request) runs
+after the rules and before the card is built: it may withhold the card (suppressed after
+feedback, locked out in this encounter, silent mode).  Without it (the population audit, unit
+tests) the engine answers what the rules alone decide.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from typing import TYPE_CHECKING
 
 from cds_service import protocol
 from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts
@@ -19,6 +26,12 @@ from cds_service.fhir_validation import ValidationVerdicts
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.record import PatientRecord
 from cds_service.rules import Decision, decide
+
+if TYPE_CHECKING:  # the policy reads the store; the engine only calls what it is given
+    from cds_service.policy import PolicyOutcome
+
+PolicyStep = Callable[[Decision, PatientFacts, datetime], "PolicyOutcome | None"]
+"""(decision, facts, now) -> the policy's verdict on the chosen card (None: no card chosen)."""
 
 
 @dataclass(frozen=True)
@@ -30,6 +43,16 @@ class Evaluation:
     skipped_resources: int
     facts: PatientFacts | None = None
     """The facts behind the decision (for logs/debugging; never sent to the client)."""
+    policy: PolicyOutcome | None = None
+    """The alert policy's verdict on the card the rules chose (None: no policy, or no card)."""
+
+    @property
+    def reason(self) -> str:
+        """Why there is (or is not) a card: the policy's no-card reason ("suppressed",
+        "locked-out", "silent") when it withheld the card, else the rules' reason code."""
+        if self.policy is not None and not self.policy.shown:
+            return self.policy.delivery
+        return self.decision.reason
 
 
 class ClinicalEngine:
@@ -58,13 +81,15 @@ class ClinicalEngine:
         return self.knowledge.valueset_codes(name)
 
     def evaluate(self, record: PatientRecord, request: protocol.HookRequest,
-                 now: datetime | None = None) -> Evaluation:
-        """Facts -> rules -> at most one card for this patient."""
+                 now: datetime | None = None, policy: PolicyStep | None = None) -> Evaluation:
+        """Facts -> rules -> policy -> at most one card for this patient."""
         now = now or datetime.now(timezone.utc)
         facts = derive_facts(record, request.context, self.knowledge, self.settings, now, self.verdicts)
         decision = decide(facts, self.settings)
-        card = self._cards.build(decision, facts, request.context)
+        verdict = policy(decision, facts, now) if policy is not None and decision.kind else None
+        card = (self._cards.build(decision, facts, request.context)
+                if verdict is None or verdict.shown else None)
         cards = [card] if card is not None else []
         kinds = {c.uuid: decision.kind for c in cards if decision.kind}
         return Evaluation(decision=decision, cards=cards, card_kinds=kinds,
-                          skipped_resources=facts.skipped_resources, facts=facts)
+                          skipped_resources=facts.skipped_resources, facts=facts, policy=verdict)

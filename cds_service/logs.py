@@ -20,7 +20,7 @@ LOGGER_NAME = "cds_service"
 ALLOWED_FIELDS = (
     "event", "hook_instance", "service", "status", "duration_ms", "cards", "card_kinds",
     "reason", "keys_fetched", "keys_failed", "skipped_resources", "fhir_calls", "method",
-    "path", "jti", "iss", "kid", "count", "detail", "error_type",
+    "path", "jti", "iss", "kid", "count", "detail", "error_type", "policy", "withheld_by",
 )
 
 

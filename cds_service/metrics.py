@@ -17,6 +17,9 @@ REQUESTS = Counter("cds_requests_total", "CDS Hooks requests by service and HTTP
 LATENCY = Histogram("cds_request_duration_seconds", "Hook request duration (server side)",
                     ["service", "status"], buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5))
 CARDS_ISSUED = Counter("cds_cards_issued_total", "Cards returned, by card kind", ["kind"])
+CARDS_WITHHELD = Counter("cds_cards_withheld_total",
+                         "Cards the rules chose but the alert policy withheld, by kind and delivery"
+                         " (silent, suppressed, locked-out)", ["kind", "delivery"])
 FHIR_CALLS = Counter("cds_fhir_fallback_calls_total", "FHIR server requests made for missing prefetch")
 FHIR_FAILURES = Counter("cds_fhir_fallback_failures_total",
                         "Prefetch keys that could not be fetched from the FHIR server")

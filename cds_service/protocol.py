@@ -127,6 +127,18 @@ class HookRequest:
     prefetch: dict[str, Any] = field(default_factory=dict)
 
 
+_JSON_SCHEMA_BLANK = re.compile(
+    "[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]*")
+"""ECMAScript `\s`, the whitespace of the OpenAPI document's `"pattern": "\\S"` (JSON Schema
+regexes are ECMA-262).  Python's str.strip() also strips U+001C..U+001F and U+0085, so a
+string the published schema calls valid would have been refused."""
+
+
+def is_blank(value: str) -> bool:
+    """True when `value` has nothing but whitespace (as the OpenAPI document defines it)."""
+    return _JSON_SCHEMA_BLANK.fullmatch(value) is not None
+
+
 def _require_str(obj: dict[str, Any], key: str, where: str, *, max_len: int,
                  required: bool = True) -> str | None:
     value = obj.get(key)
@@ -136,7 +148,7 @@ def _require_str(obj: dict[str, Any], key: str, where: str, *, max_len: int,
         if required:
             raise bad_request(f"{where}{key} is required", f"{where}{key}")
         return None
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or is_blank(value):
         raise bad_request(f"{where}{key} must be a non-empty string", f"{where}{key}")
     if len(value) > max_len:
         raise bad_request(f"{where}{key} is longer than {max_len} characters", f"{where}{key}")

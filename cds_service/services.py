@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # the real imports happen in create_app, after settings and l
     from cds_service.config import Settings
     from cds_service.engine import ClinicalEngine
     from cds_service.patient_data import PatientDataGatherer
+    from cds_service.policy import AlertPolicy
     from cds_service.security import RequestVerifier
     from cds_service.store import Store
 
@@ -32,6 +33,9 @@ class Services:
     store: Store
     verifier: RequestVerifier
     patient_data: PatientDataGatherer
+    policy: AlertPolicy
+    record_cards: bool = True
+    """False only for `b12-cds evaluate --use-store`: read suppressions, write nothing."""
 
 
 def services(app: Flask | None = None) -> Services:

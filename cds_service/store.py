@@ -1,4 +1,4 @@
-"""Storage: issued cards, clinician feedback and the JWT replay cache, in one database.
+"""Storage: issued cards, clinician feedback, suppressions and the JWT replay cache, in one database.
 
 Default: SQLite in WAL mode at `<data_dir>/cds.sqlite3`.  With `CDS_DATABASE_URL=postgresql://...`
 the same schema lives in PostgreSQL (psycopg 3), so several replicas share it.
@@ -14,7 +14,8 @@ Process and thread safety (gunicorn pre-fork workers, threaded workers):
   acknowledged write survive SIGKILL or power loss.
 
 Patient ids are never stored: issued cards keep an HMAC-SHA256 of the id under a secret key
-(`CDS_PATIENT_HASH_KEY`, else a random key created once in `data_dir` with mode 0600).
+(`CDS_PATIENT_HASH_KEY`, else a random key created once in `data_dir` with mode 0600).  Encounter
+ids and the situation fingerprints of the alert policy (cds_service/policy.py) are keyed hashes too.
 """
 
 from __future__ import annotations
@@ -27,10 +28,10 @@ import secrets
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from datetime import date, datetime, timezone
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,7 @@ SQLITE_FILENAME = "cds.sqlite3"
 PATIENT_KEY_FILENAME = "patient_hash.key"
 BUSY_TIMEOUT_MS = 30_000
 JTI_PURGE_INTERVAL_SECONDS = 60.0
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # Migrations: version -> statements.  `{id}` is the auto-increment primary key column type of the
 # dialect.  Never edit a released migration; append a new one.
@@ -86,6 +87,33 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                PRIMARY KEY (issuer, jti))""",
         "CREATE INDEX jti_seen_expires_at ON jti_seen (expires_at)",
     ),
+    # Alert governance (cds_service/policy.py).  Every card the rules chose is recorded, with how
+    # it was delivered: 'shown', or withheld ('silent', 'suppressed', 'locked-out', with the
+    # feedback or setting that withheld it in `withheld_by`, JSON without patient data).
+    # `situation`: keyed-hash fingerprints of what the card was based on (policy.Situation).
+    # `suppressions`: one row per (patient hash, card kind), the latest feedback's, read with
+    # one primary-key lookup per hook call that has a card to show.
+    2: (
+        "ALTER TABLE issued_cards ADD COLUMN delivery TEXT NOT NULL DEFAULT 'shown'",
+        "ALTER TABLE issued_cards ADD COLUMN encounter_hash TEXT",
+        "ALTER TABLE issued_cards ADD COLUMN situation TEXT",
+        "ALTER TABLE issued_cards ADD COLUMN withheld_by TEXT",
+        "CREATE INDEX issued_cards_encounter ON issued_cards (encounter_hash, kind)",
+        """CREATE TABLE suppressions (
+               patient_hash   TEXT NOT NULL,
+               kind           TEXT NOT NULL,
+               card_uuid      TEXT NOT NULL,
+               service_id     TEXT NOT NULL,
+               outcome        TEXT NOT NULL,
+               reason_system  TEXT,
+               reason_code    TEXT,
+               reason_display TEXT,
+               feedback_at    TEXT NOT NULL,
+               until          TEXT NOT NULL,
+               situation      TEXT,
+               PRIMARY KEY (patient_hash, kind))""",
+        "CREATE INDEX suppressions_feedback_at ON suppressions (feedback_at)",
+    ),
 }
 _ID_COLUMN = {
     "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
@@ -94,13 +122,57 @@ _ID_COLUMN = {
 _PG_MIGRATION_LOCK = 0x0B12CD5  # pg_advisory_xact_lock key serialising concurrent migrations
 
 
+DELIVERIES: tuple[str, ...] = ("shown", "silent", "suppressed", "locked-out")
+
+
 @dataclass(frozen=True)
 class IssuedCard:
-    """A card the service returned: its uuid, its kind (rule id) and its suggestions' uuids."""
+    """A card the rules chose: its uuid, its kind (rule id) and its suggestions' uuids, and how it
+    was delivered (`shown`, or withheld: `silent`, `suppressed`, `locked-out`)."""
 
     card_uuid: str
     kind: str
     suggestion_uuids: tuple[str, ...] = ()
+    delivery: str = "shown"
+    situation: str | None = None
+    """policy.Situation as JSON (keyed hashes only)."""
+    withheld_by: str | None = None
+    """JSON: what withheld the card (the feedback's outcome and reason, or the setting)."""
+
+
+@dataclass(frozen=True)
+class SuppressionRecord:
+    """The stored suppression of a card kind for a patient (the latest feedback's)."""
+
+    outcome: str
+    reason_system: str | None
+    reason_code: str | None
+    reason_display: str | None
+    feedback_at: str
+    until: str
+    situation: str | None
+    service_id: str
+
+
+@dataclass(frozen=True)
+class LockoutRecord:
+    """The latest card of a kind shown in this encounter."""
+
+    service_id: str
+    issued_at: str
+    situation: str | None
+
+
+@dataclass(frozen=True)
+class PolicyRecords:
+    """What `Store.policy_records` found for one patient, card kind and encounter."""
+
+    suppression: SuppressionRecord | None = None
+    lockout: LockoutRecord | None = None
+
+
+SuppressionDays = Callable[[str, str, "str | None", "str | None"], int]
+"""(card kind, outcome, reason system, reason code) -> days the kind stays suppressed (0: none)."""
 
 
 @dataclass(frozen=True)
@@ -321,20 +393,33 @@ class Store:
         """Keyed HMAC-SHA256 (hex) of a patient id; the id itself is never stored."""
         return hmac.new(self._patient_key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
 
+    def keyed_digest(self, text: str, length: int = 16) -> str:
+        """A short keyed hash (hex) of `text`, for fingerprints that must not carry record data."""
+        return hmac.new(self._patient_key, text.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
+
+    def encounter_hash(self, encounter_id: str) -> str:
+        """Keyed hash of an encounter id (stored with issued cards for the encounter lockout)."""
+        return hmac.new(self._patient_key, b"encounter\x00" + encounter_id.encode("utf-8"),
+                        hashlib.sha256).hexdigest()
+
     def record_issued_cards(self, service_id: str, hook_instance: str, patient_id: str,
-                            cards: Sequence[IssuedCard]) -> None:
-        """Remember the cards returned by one hook call (one transaction; re-recording is a no-op)."""
+                            cards: Sequence[IssuedCard], encounter_id: str | None = None) -> None:
+        """Remember the cards the rules chose in one hook call, shown or withheld (one
+        transaction; re-recording is a no-op)."""
         if not cards:
             return
         patient = self.patient_hash(patient_id)
+        encounter = self.encounter_hash(encounter_id) if encounter_id else None
         now = utc_now_text()
         with self._transaction(durable=False) as cur:
             for card in cards:
                 cur.execute(
                     "INSERT INTO issued_cards (card_uuid, service_id, kind, hook_instance,"
-                    " patient_hash, issued_at) VALUES (?, ?, ?, ?, ?, ?)"
+                    " patient_hash, issued_at, delivery, encounter_hash, situation, withheld_by)"
+                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT (card_uuid) DO NOTHING",
-                    (card.card_uuid, service_id, card.kind, hook_instance, patient, now))
+                    (card.card_uuid, service_id, card.kind, hook_instance, patient, now,
+                     card.delivery, encounter, card.situation, card.withheld_by))
                 for suggestion in dict.fromkeys(card.suggestion_uuids):
                     cur.execute(
                         "INSERT INTO issued_suggestions (card_uuid, suggestion_uuid) VALUES (?, ?)"
@@ -342,10 +427,81 @@ class Store:
                         (card.card_uuid, suggestion))
 
     # ---------------------------------------------------------------------------------------
+    # Alert policy: suppressions and the encounter lockout
+    # ---------------------------------------------------------------------------------------
+
+    def policy_records(self, patient_id: str, kind: str, now: datetime,
+                       encounter_id: str | None = None,
+                       lockout_since: datetime | None = None) -> PolicyRecords:
+        """The live suppression of `kind` for this patient and, when `encounter_id` and
+        `lockout_since` are given, the latest card of `kind` shown in that encounter since then.
+
+        One statement (a primary-key lookup, plus an index lookup for the encounter), sent
+        without an explicit transaction: one round trip to the database."""
+        params: list[Any] = [self.patient_hash(patient_id), kind, timestamp_text(now)]
+        sql = ("SELECT 'suppression', outcome, reason_system, reason_code, reason_display,"
+               " feedback_at, until, situation, service_id FROM suppressions"
+               " WHERE patient_hash = ? AND kind = ? AND until > ?")
+        if encounter_id and lockout_since is not None:
+            sql += (" UNION ALL SELECT 'lockout', NULL, NULL, NULL, NULL, issued_at, NULL, situation,"
+                    " service_id FROM issued_cards WHERE encounter_hash = ? AND kind = ?"
+                    " AND delivery = 'shown' AND issued_at >= ? AND patient_hash = ?")
+            params += [self.encounter_hash(encounter_id), kind, timestamp_text(lockout_since),
+                       params[0]]
+        rows = self._query(sql, params)
+        suppression = lockout = None
+        for source, outcome, system, code, display, at, until, situation, service in rows:
+            if source == "suppression":
+                suppression = SuppressionRecord(outcome, system, code, display, at, until,
+                                                situation, service)
+            elif lockout is None or at > lockout.issued_at:
+                lockout = LockoutRecord(service, at, situation)
+        return PolicyRecords(suppression, lockout)
+
+    def suppression_rows(self) -> list[dict[str, Any]]:
+        """Every stored suppression (for tests and exports; patient hashes only)."""
+        with self._transaction(write=False) as cur:
+            cur.execute("SELECT patient_hash, kind, card_uuid, service_id, outcome, reason_system,"
+                        " reason_code, reason_display, feedback_at, until, situation"
+                        " FROM suppressions ORDER BY feedback_at")
+            names = [d[0] for d in cur.description]
+            return [dict(zip(names, r)) for r in cur.fetchall()]
+
+    def clear_suppressions(self, patient_ids: Sequence[str]) -> int:
+        """Delete the suppressions of these patients (the demo's reset); returns how many."""
+        hashes = [self.patient_hash(p) for p in patient_ids]
+        if not hashes:
+            return 0
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM suppressions WHERE patient_hash IN ("
+                        + ", ".join("?" * len(hashes)) + ")", hashes)
+            return cur.rowcount
+
+    def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
+        """Run one read-only statement outside an explicit transaction (SQLite and psycopg
+        autocommit: the statement is its own transaction) and return its rows."""
+        if self.dialect == "sqlite":
+            conn = self._connection()
+            return conn.execute(sql, params).fetchall()
+        import psycopg
+
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return conn.execute(sql.replace("?", "%s"), params).fetchall()
+            except psycopg.OperationalError:
+                if attempt == 2 or not _is_broken(conn):
+                    raise
+                log.warning("database connection lost; reconnecting",
+                            extra={"event": "db_reconnect"})
+        raise AssertionError("unreachable")
+
+    # ---------------------------------------------------------------------------------------
     # Feedback
     # ---------------------------------------------------------------------------------------
 
-    def save_feedback(self, service_id: str, entries: Sequence[dict[str, Any]]) -> SaveResult:
+    def save_feedback(self, service_id: str, entries: Sequence[dict[str, Any]],
+                      suppression_days: SuppressionDays | None = None) -> SaveResult:
         """Store validated feedback entries in one transaction.
 
         Entries have the CDS Hooks wire shape (`card`, `outcome`, `acceptedSuggestions`,
@@ -353,6 +509,11 @@ class Store:
         equal to one already stored (same service, card, outcome, accepted suggestion ids,
         reason system/code, comment and timestamp) is not stored again.  Entries for a card this
         service never issued, or naming suggestions the card did not have, are stored and flagged.
+
+        With `suppression_days`, a new entry on a card that was shown also suppresses that card
+        kind for the card's patient for the days it returns (counted from the outcome timestamp,
+        or from arrival if that is earlier), in the same transaction; a later feedback replaces
+        an earlier one's suppression.
         """
         received = utc_now_text()
         stored = duplicates = 0
@@ -360,9 +521,11 @@ class Store:
         with self._transaction() as cur:
             for index, entry in enumerate(entries):
                 row = _feedback_row(service_id, entry)
-                known = cur.execute(
-                    "SELECT 1 FROM issued_cards WHERE card_uuid = ? AND service_id = ?",
-                    (row["card_uuid"], service_id)).fetchone() is not None
+                card = cur.execute(
+                    "SELECT patient_hash, kind, delivery, situation FROM issued_cards"
+                    " WHERE card_uuid = ? AND service_id = ?",
+                    (row["card_uuid"], service_id)).fetchone()
+                known = card is not None
                 unknown_suggestions = False
                 if known:
                     accepted = json.loads(row["accepted_suggestions"])
@@ -385,9 +548,33 @@ class Store:
                      received, int(not known), int(unknown_suggestions)))
                 if cur.rowcount == 1:
                     stored += 1
+                    if known and suppression_days is not None and card[2] == "shown":
+                        self._suppress(cur, service_id, row, card, received, suppression_days)
                 else:
                     duplicates += 1
         return SaveResult(stored=stored, duplicates=duplicates, unknown_cards=tuple(unknown))
+
+    @staticmethod
+    def _suppress(cur: "_Cursor", service_id: str, row: dict[str, Any], issued: Sequence[Any],
+                  received: str, suppression_days: SuppressionDays) -> None:
+        patient, kind, _, situation = issued
+        days = suppression_days(kind, row["outcome"], row["reason_system"], row["reason_code"])
+        if days <= 0:
+            return
+        start = min(row["outcome_timestamp"], received)
+        until = timestamp_text(_parse_timestamp(start) + timedelta(days=days))
+        cur.execute(
+            "INSERT INTO suppressions (patient_hash, kind, card_uuid, service_id, outcome,"
+            " reason_system, reason_code, reason_display, feedback_at, until, situation)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (patient_hash, kind) DO UPDATE SET card_uuid = excluded.card_uuid,"
+            " service_id = excluded.service_id, outcome = excluded.outcome,"
+            " reason_system = excluded.reason_system, reason_code = excluded.reason_code,"
+            " reason_display = excluded.reason_display, feedback_at = excluded.feedback_at,"
+            " until = excluded.until, situation = excluded.situation"
+            " WHERE excluded.feedback_at >= suppressions.feedback_at",
+            (patient, kind, row["card_uuid"], service_id, row["outcome"], row["reason_system"],
+             row["reason_code"], row["reason_display"], start, until, situation))
 
     def feedback_rows(self) -> list[dict[str, Any]]:
         """Every stored feedback entry, oldest first (for tests and exports)."""
@@ -413,12 +600,30 @@ class Store:
         of the kind got feedback.  Override reasons are counted from the cards' final
         overridden reports.  Feedback for cards the service never issued is counted apart
         (by arrival date for `since`).
+
+        Alert governance (additive members; README "Suppression and silent mode"): per kind,
+        `issued` counts cards shown; `silent`, `suppressed` and `locked_out` count the cards the
+        rules chose but the policy withheld (silent: what a silent-mode pilot would have shown),
+        and `suppressed_by_reason` splits `suppressed` by the feedback that caused it; `withheld`
+        has their totals.  `suppressions` counts the suppressions created by feedback given since `since` (`created`)
+        and those still running now (`active`), per kind, outcome and reason.
         """
         since_text = since.isoformat() if since else ""
+        now_text = utc_now_text()
         with self._transaction(write=False) as cur:
             issued = dict(cur.execute(
-                "SELECT kind, count(*) FROM issued_cards WHERE issued_at >= ? GROUP BY kind",
-                (since_text,)).fetchall())
+                "SELECT kind, count(*) FROM issued_cards WHERE issued_at >= ? AND delivery = 'shown'"
+                " GROUP BY kind", (since_text,)).fetchall())
+            withheld_rows = cur.execute(
+                "SELECT kind, delivery, withheld_by, count(*) FROM issued_cards"
+                " WHERE issued_at >= ? AND delivery <> 'shown' GROUP BY kind, delivery, withheld_by",
+                (since_text,)).fetchall()
+            suppression_rows = cur.execute(
+                "SELECT kind, outcome, reason_system, reason_code, reason_display, count(*),"
+                " sum(CASE WHEN until > ? THEN 1 ELSE 0 END) FROM suppressions"
+                " WHERE feedback_at >= ?"
+                " GROUP BY kind, outcome, reason_system, reason_code, reason_display",
+                (now_text, since_text)).fetchall()
             final_rows = cur.execute(
                 "SELECT c.kind, f.outcome, f.reason_system, f.reason_code, f.reason_display,"
                 " f.user_comment FROM ("
@@ -449,6 +654,29 @@ class Store:
             slot = reasons.setdefault(kind, {}).setdefault(
                 (system, code), {"system": system, "code": code, "display": display, "count": 0})
             slot["count"] += 1
+        withheld_reasons: dict[str, dict[str, dict[str, Any]]] = {}
+        for kind, delivery, withheld_by, count in withheld_rows:
+            item = kinds.setdefault(kind, _empty_kind(kind, 0))
+            field = WITHHELD_FIELDS.get(delivery)
+            if field is None:
+                continue
+            item[field] += int(count)
+            if delivery == "suppressed":
+                cause = json.loads(withheld_by) if withheld_by else {}
+                key = json.dumps([cause.get("outcome"), cause.get("system"), cause.get("code")])
+                slot = withheld_reasons.setdefault(kind, {}).setdefault(key, {
+                    "outcome": cause.get("outcome"), "system": cause.get("system"),
+                    "code": cause.get("code"), "display": cause.get("display"), "count": 0})
+                slot["count"] += int(count)
+        for kind, item in kinds.items():
+            item["suppressed_by_reason"] = sorted(
+                withheld_reasons.get(kind, {}).values(),
+                key=lambda r: (-r["count"], r["outcome"] or "", r["system"] or "", r["code"] or ""))
+        by_reason = sorted(
+            ({"kind": kind, "outcome": outcome, "system": system, "code": code, "display": display,
+              "created": int(created), "active": int(active or 0)}
+             for kind, outcome, system, code, display, created, active in suppression_rows),
+            key=lambda r: (r["kind"], -r["created"], r["outcome"], r["system"] or "", r["code"] or ""))
         for kind, item in kinds.items():
             decided = item["accepted"] + item["overridden"]
             item["with_feedback"] = decided
@@ -466,15 +694,21 @@ class Store:
             "totals": totals,
             "unknown_card_feedback": {"entries": int(unknown_entries), "cards": int(unknown_cards)},
             "issued_per_day": self.issued_per_day(since),
+            "withheld": {name: sum(k[name] for k in kinds.values())
+                         for name in WITHHELD_FIELDS.values()},
+            "suppressions": {"created": sum(r["created"] for r in by_reason),
+                             "active": sum(r["active"] for r in by_reason),
+                             "by_reason": by_reason},
         }
 
     def issued_per_day(self, since: date | None = None) -> list[dict[str, Any]]:
-        """Cards issued per UTC day and kind (`[{"day": "2026-01-01", "kind": ..., "issued": n}]`,
-        by day then kind), for the report's "cards per kind over time" chart."""
+        """Cards issued (shown) per UTC day and kind (`[{"day": "2026-01-01", "kind": ...,
+        "issued": n}]`, by day then kind), for the report's "cards per kind over time" chart."""
         with self._transaction(write=False) as cur:
             rows = cur.execute(
                 "SELECT substr(issued_at, 1, 10) AS day, kind, count(*) FROM issued_cards"
-                " WHERE issued_at >= ? GROUP BY substr(issued_at, 1, 10), kind ORDER BY 1, 2",
+                " WHERE issued_at >= ? AND delivery = 'shown'"
+                " GROUP BY substr(issued_at, 1, 10), kind ORDER BY 1, 2",
                 (since.isoformat() if since else "",)).fetchall()
         return [{"day": day, "kind": kind, "issued": int(n)} for day, kind, n in rows]
 
@@ -545,10 +779,15 @@ def _is_broken(conn: Any) -> bool:
     return bool(getattr(conn, "broken", False) or getattr(conn, "closed", False) is True)
 
 
+WITHHELD_FIELDS = {"silent": "silent", "suppressed": "suppressed", "locked-out": "locked_out"}
+"""Delivery of a withheld card -> its count's name in the report."""
+
+
 def _empty_kind(kind: str, issued: int) -> dict[str, Any]:
     return {"kind": kind, "issued": issued, "with_feedback": 0, "accepted": 0, "overridden": 0,
             "acceptance_rate": None, "override_reasons": [],
-            "overridden_without_coded_reason": 0, "overridden_with_comment_only": 0}
+            "overridden_without_coded_reason": 0, "overridden_with_comment_only": 0,
+            "silent": 0, "suppressed": 0, "locked_out": 0, "suppressed_by_reason": []}
 
 
 def _feedback_row(service_id: str, entry: dict[str, Any]) -> dict[str, Any]:
@@ -566,6 +805,11 @@ def _feedback_row(service_id: str, entry: dict[str, Any]) -> dict[str, Any]:
         "reason_code": reason.get("code"), "reason_display": reason.get("display"),
         "user_comment": override.get("userComment"), "outcome_timestamp": timestamp,
     }
+
+
+def _parse_timestamp(text: str) -> datetime:
+    """The inverse of `timestamp_text`."""
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%fZ").replace(tzinfo=timezone.utc)
 
 
 def normalise_timestamp(value: str) -> str:

@@ -18,7 +18,7 @@ from cds_service.services import services
 from cds_service.http.errors import json_response
 from cds_service.http.hooks import read_json_body, service_definitions
 from cds_service.logs import get_logger
-from cds_service.protocol import CdsError, bad_request
+from cds_service.protocol import CdsError, bad_request, is_blank
 from cds_service.store import timestamp_text
 
 blueprint = Blueprint("feedback", __name__)
@@ -55,7 +55,7 @@ def post_feedback(service_id: str) -> Response:
         raise CdsError(404, f"unknown CDS service {service_id[:64]!r}")
     body = read_json_body(request, max_depth=s.settings.max_json_depth)
     entries = validate_feedback(body, max_comment_length=s.settings.max_string_length)
-    result = s.store.save_feedback(service_id, entries)
+    result = s.store.save_feedback(service_id, entries, suppression_days=s.policy.periods.days)
     log.info("feedback", extra={
         "event": "feedback", "service": service_id, "status": 200, "count": result.stored,
         "detail": f"duplicates={result.duplicates} unknown_cards={len(result.unknown_cards)}"})
@@ -207,7 +207,7 @@ def _optional(obj: dict[str, Any], key: str, where: str) -> Any:
 def _string(obj: dict[str, Any], key: str, where: str, max_len: int) -> str:
     value = _present(obj, key, where)
     path = f"{where}.{key}"
-    if not isinstance(value, str) or not value.strip():
+    if not isinstance(value, str) or is_blank(value):
         raise bad_request(f"{path} must be a non-empty string", path)
     if len(value) > max_len:
         raise bad_request(f"{path} is longer than {max_len} characters", path)

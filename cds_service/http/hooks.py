@@ -1,15 +1,17 @@
 """Discovery and hook calls.
 
 The hook call reads top to bottom: authenticate, parse and check the request, gather the
-patient's data (prefetch, else the FHIR server), evaluate (facts -> rules -> cards), record the
-issued cards, answer.
+patient's data (prefetch, else the FHIR server), evaluate (facts -> rules -> alert policy ->
+cards), record the cards the rules chose (shown or withheld), answer.
 """
 
 from __future__ import annotations
 
 import json
 import time
+import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,9 @@ from cds_service.http.errors import FRONT_ERROR_ENVIRON, front_error, json_respo
 from cds_service.logs import get_logger
 from cds_service.engine import Evaluation
 from cds_service.explain import explain
+from cds_service.facts import PatientFacts
+from cds_service.policy import PolicyOutcome
+from cds_service.rules import Decision
 from cds_service.protocol import CdsError, HookRequest, cards_response, parse_hook_request
 from cds_service.store import IssuedCard
 
@@ -113,15 +118,25 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
     g.hook_instance = hook_request.hook_instance
 
     gathered = s.patient_data.gather(hook_request, prefetch_templates(svc.hook))
-    evaluation = s.engine.evaluate(gathered.record, hook_request)
-    _record_issued(svc.id, hook_request, evaluation)
+    context = hook_request.context
+
+    def policy(decision: Decision, facts: PatientFacts, now: datetime) -> PolicyOutcome | None:
+        return s.policy.decide(decision, facts, svc.id, svc.hook, context.patient_id,
+                               context.encounter_id, now)
+
+    evaluation = s.engine.evaluate(gathered.record, hook_request, policy=policy)
+    g.evaluation = evaluation  # `b12-cds evaluate` reads it to explain an empty answer
+    if s.record_cards:
+        _record_issued(svc.id, hook_request, evaluation)
 
     metrics.FHIR_CALLS.inc(gathered.fhir_calls)
     metrics.FHIR_FAILURES.inc(len(gathered.failed_keys))
     g.log_counts = {
         "cards": len(evaluation.cards),
         "card_kinds": sorted(set(evaluation.card_kinds.values())) or None,
-        "reason": evaluation.decision.reason,
+        "reason": evaluation.reason,
+        "policy": evaluation.policy.delivery if evaluation.policy else None,
+        "withheld_by": evaluation.policy.log_detail() if evaluation.policy else None,
         "keys_fetched": list(gathered.fetched_keys) or None,
         "keys_failed": list(gathered.failed_keys) or None,
         "fhir_calls": gathered.fhir_calls or None,
@@ -141,18 +156,31 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
 
 
 def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evaluation) -> None:
-    """Remember each card issued so feedback can be tied to its kind (patient id is hashed)."""
-    if not evaluation.cards:
-        return
+    """Remember each card the rules chose, so feedback can be tied to its kind and the report
+    can count what the policy withheld (the patient id is hashed)."""
+    verdict = evaluation.policy
+    situation = verdict.situation.to_json() if verdict is not None else None
     issued = [
         IssuedCard(card_uuid=card.uuid, kind=evaluation.card_kinds.get(card.uuid, "unknown"),
-                   suggestion_uuids=tuple(sg.uuid for sg in card.suggestions or ()))
+                   suggestion_uuids=tuple(sg.uuid for sg in card.suggestions or ()),
+                   situation=situation)
         for card in evaluation.cards
     ]
+    if verdict is not None and not verdict.shown and evaluation.decision.kind:
+        cause = verdict.cause.withheld_by() if verdict.cause else {}
+        issued.append(IssuedCard(card_uuid=str(uuid.uuid4()), kind=evaluation.decision.kind,
+                                 delivery=verdict.delivery, situation=situation,
+                                 withheld_by=json.dumps(cause, separators=(",", ":"))))
+    if not issued:
+        return
     services().store.record_issued_cards(service_id, hook_request.hook_instance,
-                                         hook_request.context.patient_id, issued)
+                                         hook_request.context.patient_id, issued,
+                                         encounter_id=hook_request.context.encounter_id)
     for card in issued:
-        metrics.CARDS_ISSUED.labels(card.kind).inc()
+        if card.delivery == "shown":
+            metrics.CARDS_ISSUED.labels(card.kind).inc()
+        else:
+            metrics.CARDS_WITHHELD.labels(card.kind, card.delivery).inc()
 
 
 def read_json_body(req: Request, *, max_depth: int) -> Any:
