@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import machine
 from bench.patients import all_patients, hook_body
 
-PARTS = ("inproc", "http", "fallback", "startup", "peer")
+PARTS = ("inproc", "http", "fallback", "startup", "peer", "policy")
 FULL_ITERATIONS = {"small": 2000, "typical": 1000, "large": 300}
 QUICK_ITERATIONS = {"small": 20, "typical": 20, "large": 10}
 PEER_ITERATIONS = {"small": 200, "typical": 40, "large": 5}
@@ -221,6 +221,28 @@ def main(argv: list[str] | None = None) -> int:
         for r in peer_rows:
             out(f"| {r.size} | {r.resources} | {r.calls} | {_fmt(r.peer_p50_ms)} | {_fmt(r.peer_p99_ms)} "
                 f"| {_fmt(r.service_p50_ms)} | {_fmt(r.service_p99_ms)} | {_fmt(r.ratio_p50, 1)}x |")
+        out()
+
+    if "policy" in parts:
+        from bench.policy import run_policy
+
+        pr = run_policy(by_size["typical"], rows=200 if args.quick else 20_000,
+                        reads=200 if args.quick else 5_000, hook_calls=40 if args.quick else 600,
+                        warmup=5 if args.quick else 30)
+        out("## 6. Alert policy: the store read on the hook path (SQLite on disk)")
+        out()
+        out(f"The read alone: `Store.policy_records` (suppression primary key + encounter index, one "
+            f"statement) on a store holding {pr.stored_rows:,} suppressions and {pr.stored_rows:,} issued "
+            f"cards of other patients, {pr.reads:,} reads. Its share of a hook call: the typical patient's "
+            "patient-view call (part 1's request) with the real read vs. a read that returns nothing, "
+            "alternating in chunks of 10.")
+        out()
+        out("| reads | read p50 µs | read p99 µs | hook calls | hook p50 ms | hook p99 ms "
+            "| hook without the read p50 ms | p99 ms | read's share of the hook (p50) |")
+        out("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+        out(f"| {pr.reads} | {_fmt(pr.read_p50_us, 1)} | {_fmt(pr.read_p99_us, 1)} | {pr.hook_calls} "
+            f"| {_fmt(pr.hook_p50_ms)} | {_fmt(pr.hook_p99_ms)} | {_fmt(pr.without_read_p50_ms)} "
+            f"| {_fmt(pr.without_read_p99_ms)} | {pr.share_p50 * 100:.1f}% |")
         out()
 
     if verdicts:

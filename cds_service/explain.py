@@ -111,6 +111,9 @@ def explain(evaluation: Evaluation, *, unavailable_wording: Mapping[str, str] | 
         "rules_table": RULES_TABLE,
     })
     out: dict[str, Any] = {"decision": decision}
+    # The effective reason: the alert policy's ("suppressed", "locked-out", "silent") when it
+    # withheld the rules' card (its cause is under "policy", from the loop at the end).
+    out["reason"] = evaluation.reason
 
     facts = evaluation.facts
     found: dict[str, Any] = {}

@@ -129,7 +129,7 @@ class HookRequest:
 
 _JSON_SCHEMA_BLANK = re.compile(
     "[\t\n\v\f\r \u00a0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000\ufeff]*")
-"""ECMAScript `\s`, the whitespace of the OpenAPI document's `"pattern": "\\S"` (JSON Schema
+r"""ECMAScript `\s`, the whitespace of the OpenAPI document's `"pattern": "\\S"` (JSON Schema
 regexes are ECMA-262).  Python's str.strip() also strips U+001C..U+001F and U+0085, so a
 string the published schema calls valid would have been refused."""
 

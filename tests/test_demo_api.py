@@ -67,6 +67,7 @@ def issued_by_kind(app: Flask) -> dict[str, int]:
     ("GET", "/demo/api/patients"),
     ("GET", "/demo/api/patients/demo-low-b12/prefetch"),
     ("POST", "/demo/api/token"),
+    ("POST", "/demo/api/reset"),
 ])
 def test_demo_routes_do_not_exist_outside_demo_mode(make_app: Callable[..., Flask], method: str,
                                                      path: str) -> None:
@@ -321,3 +322,20 @@ def test_feedback_and_report_with_demo_tokens(demo_app: Flask, demo: FlaskClient
     report = demo.get("/admin/feedback-report",
                       headers={"Authorization": f"Bearer {mint(demo, '/admin/feedback-report')}"}).get_json()
     assert {k["kind"]: k["accepted"] for k in report["kinds"]} == {"b12-test": 1}
+
+
+def test_reset_forgets_the_demo_patients_suppressions(demo_app: Flask, demo: FlaskClient) -> None:
+    """Feedback suppresses the card kind for the patient; the page's reset (called when it loads)
+    makes the demo patient show its catalog card again, and keeps the feedback."""
+    card = hook_call(demo, "demo-low-b12").get_json()["cards"][0]
+    feedback_path = PATIENT_VIEW + "/feedback"
+    entry = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2030-01-01T10:00:00Z",
+             "overrideReason": {"reason": card["overrideReasons"][0]}}
+    assert demo.post(feedback_path, json={"feedback": [entry]},
+                     headers={"Authorization": f"Bearer {mint(demo, feedback_path)}"}).status_code == 200
+    assert hook_call(demo, "demo-low-b12").get_json()["cards"] == []
+    assert demo.post("/demo/api/reset", headers={"Origin": "https://elsewhere.example"}).status_code == 403
+    reset = demo.post("/demo/api/reset", json={})
+    assert reset.status_code == 200 and reset.get_json() == {"cleared": 1}
+    assert len(hook_call(demo, "demo-low-b12").get_json()["cards"]) == 1
+    assert len(services(demo_app).store.feedback_rows()) == 1

@@ -5,7 +5,10 @@ fetches the patient's data from `--fhir-server` itself; with `--prefetch`, with 
 EHR builds from the discovery templates; `--compare` runs both and shows any difference.  It runs
 through the real app in-process (the Flask test client POSTing to `/cds-services/<id>`) in dev
 mode, so the answer carries the explanation (`cds_service.explain`), with JWT verification off,
-only that FHIR server allowlisted and a throwaway data directory.
+only that FHIR server allowlisted and a throwaway data directory, or with `--use-store` the
+service's own store (`CDS_DATA_DIR` / `CDS_DATABASE_URL`), read but never written, so suppression
+after feedback, the encounter lockout (`--encounter`) and silent mode apply as in the service;
+an empty answer then says what withheld the card (the feedback, its reason code and date).
 """
 
 from __future__ import annotations
@@ -46,13 +49,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                       help="run with the EHR-built prefetch and with FHIR fallback, show any difference")
     parser.add_argument("--timeout", type=float, default=10.0, metavar="SECONDS",
                         help="seconds allowed for the FHIR requests of one run (default: %(default)s)")
+    parser.add_argument("--encounter", metavar="ID", help="context.encounterId (for the encounter lockout)")
+    parser.add_argument("--use-store", action="store_true",
+                        help="read the service's store (CDS_DATA_DIR / CDS_DATABASE_URL) so suppression, "
+                             "lockout and silent mode apply; nothing is written to it")
     parser.add_argument("--json", action="store_true",
                         help="print the service's JSON answer, with the explanation under \"explanation\"")
 
 
 def build_hook_request(*, hook: str, fhir_server: str, patient_id: str, user_id: str,
-                       token: str | None = None, draft_orders: list[dict[str, Any]] | None = None
-                       ) -> dict[str, Any]:
+                       token: str | None = None, draft_orders: list[dict[str, Any]] | None = None,
+                       encounter_id: str | None = None) -> dict[str, Any]:
     """A CDS Hooks 2.0 request body as an EHR would send it (no prefetch)."""
     body: dict[str, Any] = {
         "hook": hook,
@@ -60,6 +67,8 @@ def build_hook_request(*, hook: str, fhir_server: str, patient_id: str, user_id:
         "fhirServer": fhir_server,
         "context": {"userId": user_id, "patientId": patient_id},
     }
+    if encounter_id:
+        body["context"]["encounterId"] = encounter_id
     if token:
         body["fhirAuthorization"] = {"access_token": token, "token_type": "Bearer", "expires_in": 300,
                                      "scope": "patient/*.read", "subject": "b12-cds-cli"}
@@ -77,15 +86,20 @@ def build_hook_request(*, hook: str, fhir_server: str, patient_id: str, user_id:
 
 class InProcessService:
     """The real app, in this process, in dev mode (the answer carries the explanation), with JWT
-    verification off, only `fhir_server` allowlisted and a throwaway data directory."""
+    verification off, only `fhir_server` allowlisted and a throwaway data directory; with
+    `data_dir` None, the configured store (`CDS_DATA_DIR` / `CDS_DATABASE_URL`), read only."""
 
-    def __init__(self, fhir_server: str, data_dir: str, timeout: float = 10.0) -> None:
+    def __init__(self, fhir_server: str, data_dir: str | None, timeout: float = 10.0) -> None:
         from cds_service import create_app
+        from cds_service.services import services
 
-        self.app = create_app({"auth_disabled": True, "dev_mode": True, "fhir_allowlist": fhir_server,
-                               "data_dir": data_dir, "database_url": "", "demo_mode": False,
-                               "log_level": "ERROR", "fhir_deadline": timeout,
-                               "fhir_connect_timeout": min(timeout, 5.0), "fhir_read_timeout": timeout})
+        config: dict[str, Any] = {"auth_disabled": True, "dev_mode": True, "fhir_allowlist": fhir_server,
+                                  "demo_mode": False, "log_level": "ERROR", "fhir_deadline": timeout,
+                                  "fhir_connect_timeout": min(timeout, 5.0), "fhir_read_timeout": timeout}
+        if data_dir is not None:
+            config.update(data_dir=data_dir, database_url="")
+        self.app = create_app(config)
+        services(self.app).record_cards = data_dir is not None  # the service's store: never written
         self.client = self.app.test_client()
 
     def templates(self, hook: str) -> dict[str, str]:
@@ -151,11 +165,35 @@ def ehr_prefetch(fhir_server: str, templates: dict[str, str], body: dict[str, An
     return prefetch, left_out
 
 
+def withheld_text(policy: dict[str, Any] | None, kind: str | None) -> str | None:
+    """Why the alert policy withheld the card the rules chose, for a person (None: not withheld)."""
+    if not policy or policy.get("delivery") in (None, "shown"):
+        return None
+    cause = policy.get("cause") or {}
+    delivery = policy["delivery"]
+    if delivery == "suppressed":
+        reason = cause.get("reason_code") or "no coded reason"
+        display = f" ({cause['reason_display']})" if cause.get("reason_display") else ""
+        return (f"No cards: suppressed. The rules chose a {kind} card, but a {kind} card for this patient was "
+                f"{cause.get('outcome')} on {str(cause.get('since'))[:10]} (reason: {reason}{display}; service "
+                f"{cause.get('service')}), so it is suppressed until {str(cause.get('until'))[:10]}. A new B12 "
+                "result, new red flags or a warning where the card was info would show it again.")
+    if delivery == "locked-out":
+        return (f"No cards: locked-out. The rules chose a {kind} card, already shown in this encounter by "
+                f"{cause.get('service')} at {cause.get('since')} (CDS_ENCOUNTER_LOCKOUT_HOURS).")
+    return (f"No cards: silent. The rules chose a {kind} card; silent mode ({cause.get('setting')}) records "
+            "it without showing it.")
+
+
 def format_cards(answer: dict[str, Any], out: TextIO) -> None:
-    """Cards for a person: indicator and summary, then detail, suggestions and links."""
+    """Cards for a person: indicator and summary, then detail, suggestions and links; with no
+    card, what withheld the rules' card if something did."""
     cards = answer.get("cards") or []
     if not cards:
-        print("No cards: nothing to suggest for this patient.", file=out)
+        expl = explanation_of(answer)
+        withheld = withheld_text(expl.get("policy"), (expl.get("decision") or {}).get("kind"))
+        print(textwrap.fill(withheld, width=100) if withheld else "No cards: nothing to suggest for this patient.",
+              file=out)
         return
     for i, card in enumerate(cards, 1):
         print(f"{i}. [{str(card.get('indicator', '')).upper()}] {card.get('summary', '')}", file=out)
@@ -287,7 +325,8 @@ def _run_mode(service: InProcessService, args: argparse.Namespace, fhir_server: 
               drafts: list[dict[str, Any]], mode: str) -> tuple[dict[str, Any], dict[str, str]]:
     """One hook call in `mode`; (answer, prefetch keys left out).  CliError when it fails."""
     body = build_hook_request(hook=args.hook, fhir_server=fhir_server, patient_id=args.patient,
-                              user_id=args.user, token=args.token, draft_orders=drafts)
+                              user_id=args.user, token=args.token, draft_orders=drafts,
+                              encounter_id=args.encounter)
     left_out: dict[str, str] = {}
     if mode == "prefetch":
         body["prefetch"], left_out = ehr_prefetch(fhir_server, service.templates(args.hook), body,
@@ -347,7 +386,7 @@ def run(args: argparse.Namespace) -> int:
     drafts = _load_drafts(args.draft_orders)
     modes = ["prefetch", "fhir"] if args.compare else ["prefetch" if args.prefetch else "fhir"]
     with tempfile.TemporaryDirectory(prefix="b12-cds-evaluate-") as data_dir:
-        service = InProcessService(fhir_server, data_dir, args.timeout)
+        service = InProcessService(fhir_server, None if args.use_store else data_dir, args.timeout)
         try:
             results = {mode: _run_mode(service, args, fhir_server, drafts, mode) for mode in modes}
         finally:

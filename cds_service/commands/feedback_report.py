@@ -78,6 +78,24 @@ def print_table(report: dict[str, Any], out: TextIO) -> None:
         no_reason = kind["overridden_without_coded_reason"] - kind["overridden_with_comment_only"]
         if no_reason:
             out.write(f"  {no_reason:>6}  (no reason given)\n")
+    withheld = report.get("withheld") or {}
+    if any(withheld.values()):
+        out.write("\nCards the rules chose but the alert policy withheld (README: Suppression and silent mode):\n")
+        for kind in report["kinds"]:
+            if kind["silent"] or kind["suppressed"] or kind["locked_out"]:
+                out.write(f"  {kind['kind']}: {kind['silent']} silent (would have been shown), "
+                          f"{kind['suppressed']} suppressed, {kind['locked_out']} locked out\n")
+                for reason in kind["suppressed_by_reason"]:
+                    label = reason.get("display") or reason.get("code") or "no coded reason"
+                    out.write(f"  {reason['count']:>6}  suppressed after {reason['outcome']}: {label}\n")
+    suppressions = report.get("suppressions") or {}
+    if suppressions.get("created"):
+        out.write(f"\nSuppressions from feedback: {suppressions['created']} created, "
+                  f"{suppressions['active']} active now\n")
+        for item in suppressions["by_reason"]:
+            label = item.get("display") or item.get("code") or "no coded reason"
+            out.write(f"  {item['created']:>6} created, {item['active']:>6} active  "
+                      f"{item['kind']} {item['outcome']}: {label}\n")
     unknown = report["unknown_card_feedback"]
     if unknown["entries"]:
         out.write(f"\nFeedback for cards this service never issued: {unknown['entries']} entries "

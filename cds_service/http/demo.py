@@ -17,6 +17,9 @@ Routes (all demo-only):
   query would be (a `searchset` Bundle for a search, the resource itself for a read).
 * `POST /demo/api/token` `{"path": "/cds-services/..."}`: a JWT from the demo issuer (which the
   verifier trusts in demo mode) whose `aud` is the full URL of that path on this service.
+* `POST /demo/api/reset`: forget the suppressions of the demo patients (the page calls it when it
+  loads, and from its "Reset demo patients" button), so every visit starts with the cards the
+  catalog promises; feedback and the report are kept.
 """
 
 from __future__ import annotations
@@ -405,3 +408,13 @@ def token() -> Response:
     audience = base + path
     admin = path == "/admin/feedback-report"  # the report needs an admin token
     return json_response({"token": demo_issuer().mint(audience, admin=admin), "audience": audience})
+
+
+@blueprint.post("/demo/api/reset")
+def reset() -> Response:
+    """Forget the suppressions of the demo patients (same-origin pages only)."""
+    origin = request.headers.get("Origin")
+    if origin is not None and origin.rstrip("/") not in _own_origins(services().settings.public_base_url):
+        raise CdsError(403, "the demo patients are only reset by the demo page itself")
+    cleared = services().store.clear_suppressions([entry["patientId"] for entry in catalog()])
+    return json_response({"cleared": cleared})

@@ -208,3 +208,27 @@ class TestPostgresStore(StoreContract):
         assert store._connection().info.backend_pid != pid
         assert len(store.feedback_rows()) == 1
         store.close()
+
+
+def test_suppression_and_lockout_are_shared_by_two_apps_on_one_postgres_database(postgres, tmp_path):
+    """Two replicas (separate data directories, one database): feedback given through one
+    suppresses the card on the other; a card shown by one locks out the other's order hooks."""
+    from cds_service import create_app
+    from cds_service.app import services
+    from tests.test_policy import OS, PV, chart, hook, override
+
+    url = postgres.create_database()
+    apps = [create_app({"data_dir": str(tmp_path / f"replica-{i}"), "database_url": url,
+                        "patient_hash_key": "k" * 40, "auth_disabled": True}) for i in (1, 2)]
+    first, second = (a.test_client() for a in apps)
+    try:
+        (card,) = hook(first, "p1", chart("p1"))
+        override(first, card, "tested-elsewhere")
+        assert hook(second, "p1", chart("p1")) == []
+        assert len(hook(second, "p2", chart("p2"), PV, encounter="enc-9")) == 1
+        assert hook(first, "p2", chart("p2"), OS, encounter="enc-9") == []
+        kinds = {k["kind"]: k for k in services(apps[0]).store.feedback_report()["kinds"]}
+        assert (kinds["b12-test"]["suppressed"], kinds["b12-test"]["locked_out"]) == (1, 1)
+    finally:
+        for a in apps:
+            services(a).store.close()

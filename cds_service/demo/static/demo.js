@@ -667,6 +667,16 @@
     }).catch(function () { /* keep the built-in service ids */ });
   }
 
+  function resetDemoPatients() {
+    return demoApi("POST", "/demo/api/reset", {}).then(function (result) {
+      $("demo-reset-status").textContent = result.cleared
+        ? "Suppressions forgotten: " + result.cleared
+        : "No suppressions on the demo patients.";
+    }).catch(function (err) {
+      $("demo-reset-status").textContent = "Could not reset the demo patients: " + err.message;
+    });
+  }
+
   function start() {
     $("view-chart").addEventListener("click", function () { setView("chart"); firePatientView(); });
     $("view-order").addEventListener("click", function () { setView("order"); });
@@ -675,7 +685,14 @@
       fireOrderSelect($("order-choice").value);
     });
     $("report-refresh").addEventListener("click", loadReport);
-    discover().then(function () {
+    $("demo-reset").addEventListener("click", function () {
+      resetDemoPatients().then(function () {
+        if (state.current) { setView("chart"); firePatientView(); }
+      });
+    });
+    // Feedback suppresses a card kind for the patient (cards/suppression.json): a new visit
+    // starts from the demo patients as the catalog describes them.
+    resetDemoPatients().then(discover).then(function () {
       return demoApi("GET", "/demo/api/patients");
     }).then(function (data) {
       state.patients = data.patients || [];
