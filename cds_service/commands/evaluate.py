@@ -192,8 +192,8 @@ def format_cards(answer: dict[str, Any], out: TextIO) -> None:
     if not cards:
         expl = explanation_of(answer)
         withheld = withheld_text(expl.get("policy"), (expl.get("decision") or {}).get("kind"))
-        print(textwrap.fill(withheld, width=100) if withheld else "No cards: nothing to suggest for this patient.",
-              file=out)
+        print(textwrap.fill(withheld, width=100, break_on_hyphens=False) if withheld
+              else "No cards: nothing to suggest for this patient.", file=out)
         return
     for i, card in enumerate(cards, 1):
         print(f"{i}. [{str(card.get('indicator', '')).upper()}] {card.get('summary', '')}", file=out)
@@ -309,8 +309,13 @@ def format_explanation(expl: dict[str, Any], out: TextIO) -> None:
     if sources:
         print(f"Data: prefetched {', '.join(sources.get('prefetched') or []) or 'nothing'}; fetched from the "
               f"FHIR server {', '.join(sources.get('fetched_from_fhir_server') or []) or 'nothing'}", file=out)
+    policy = expl.get("policy")
+    if policy:
+        broken = policy.get("broken") or []
+        print(f"Alert policy: {policy.get('delivery')}"
+              + (f" (a suppression or lockout did not apply: {', '.join(broken)})" if broken else ""), file=out)
     known = {"decision", "facts", "not_found", "unavailable", "skipped_invalid", "data_sources", "cards",
-             "patient_id", "today", "skipped_resources"}
+             "patient_id", "today", "skipped_resources", "reason", "policy"}
     for key, value in expl.items():  # anything the engine adds later
         if key not in known and value not in (None, [], {}):
             print(f"{key}: {json.dumps(value, ensure_ascii=False)}", file=out)
