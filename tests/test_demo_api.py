@@ -7,7 +7,7 @@ these check their contracts directly and fast.
 from __future__ import annotations
 
 from collections.abc import Callable
-from datetime import date
+from datetime import date, datetime, timezone
 from typing import Any
 
 import jwt
@@ -329,7 +329,8 @@ def test_reset_forgets_the_demo_patients_suppressions(demo_app: Flask, demo: Fla
     makes the demo patient show its catalog card again, and keeps the feedback."""
     card = hook_call(demo, "demo-low-b12").get_json()["cards"][0]
     feedback_path = PATIENT_VIEW + "/feedback"
-    entry = {"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2030-01-01T10:00:00Z",
+    entry = {"card": card["uuid"], "outcome": "overridden",
+             "outcomeTimestamp": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
              "overrideReason": {"reason": card["overrideReasons"][0]}}
     assert demo.post(feedback_path, json={"feedback": [entry]},
                      headers={"Authorization": f"Bearer {mint(demo, feedback_path)}"}).status_code == 200

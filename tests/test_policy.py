@@ -204,7 +204,7 @@ def test_new_red_flag_evidence_breaks_the_suppression(client, caplog):
     assert hook(client, "p1", chart("p1")) == []
     with caplog.at_level(logging.INFO, logger="cds_service"):
         (card,) = hook(client, "p1", chart("p1", myelopathy("p1")))
-    assert card["summary"].startswith("Red flags documented")
+    assert card["summary"].startswith("Red flags")
     assert hook_logs(caplog)[-1].withheld_by == "suppression:new-red-flags"
 
 
