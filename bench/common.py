@@ -99,7 +99,7 @@ def machine() -> dict[str, str]:
     except OSError:
         pass
     versions = []
-    for dist in ("flask", "werkzeug", "gunicorn", "orjson", "pydantic", "fhir.resources", "requests"):
+    for dist in ("flask", "werkzeug", "gunicorn", "a2wsgi", "uvloop", "orjson", "pydantic", "fhir.resources", "requests"):
         try:
             versions.append(f"{dist} {metadata.version(dist)}")
         except metadata.PackageNotFoundError:

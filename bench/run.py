@@ -129,9 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         raw = (hook_body(by_size["typical"], hook_instance="bench-http"))
         seconds = 2.0 if args.quick else args.http_seconds
         models = [m.strip() for m in args.http_models.split(",") if m.strip()]
-        rows = {m: run_http(raw, workers=args.workers, concurrency=args.concurrency, seconds=seconds, model=m)
+        http_rows = {m: run_http(raw, workers=args.workers, concurrency=args.concurrency, seconds=seconds, model=m)
                 for m in models if m in MODELS}
-        row = rows.get("serve") or next(iter(rows.values()))
+        row = http_rows.get("serve") or next(iter(http_rows.values()))
         out(f"## 2. HTTP on 127.0.0.1, {args.workers} workers x 4 app threads, "
             f"{row.concurrency} client threads, typical patient")
         out()
@@ -145,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         out()
         out("| model | server | requests | errors | req/s | p50 ms | p99 ms | RSS per worker MiB (after load) |")
         out("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
-        for model, r in rows.items():
+        for model, r in http_rows.items():
             label = "b12-cds serve (asyncio)" if model == "serve" else "former: gthread"
             for name, res, rss in (("baseline", r.baseline, r.baseline_rss_mib),
                                    ("service", r.service, r.service_rss_mib)):
@@ -153,13 +153,13 @@ def main(argv: list[str] | None = None) -> int:
                 out(f"| {label} | {name} | {sm['requests']} | {sm['errors']} | {_fmt(sm['rps'], 1)} "
                     f"| {_fmt(sm['p50'])} | {_fmt(sm['p99'])} | {', '.join(_fmt(x, 1) for x in rss)} |")
         out()
-        for model, r in rows.items():
+        for model, r in http_rows.items():
             label = "b12-cds serve (asyncio)" if model == "serve" else "former gthread"
             out(f"Throughput ratio service / baseline, {label}: **{_fmt(r.throughput_ratio)}**")
             out()
-        if "serve" in rows and "gthread" in rows:
-            out(f"Service throughput, asyncio / gthread: {_fmt(rows['serve'].service.rps / rows['gthread'].service.rps)}; "
-                f"baseline throughput, asyncio / gthread: {_fmt(rows['serve'].baseline.rps / rows['gthread'].baseline.rps)}")
+        if "serve" in http_rows and "gthread" in http_rows:
+            out(f"Service throughput, asyncio / gthread: {_fmt(http_rows['serve'].service.rps / http_rows['gthread'].service.rps)}; "
+                f"baseline throughput, asyncio / gthread: {_fmt(http_rows['serve'].baseline.rps / http_rows['gthread'].baseline.rps)}")
             out()
         worst_rss = max(row.service_rss_mib or [float("nan")])
         verdicts += [

@@ -77,6 +77,7 @@ def gunicorn_options(settings: Any, bind: str, workers: int) -> dict[str, Any]:
         "limit_request_line": SERVER_LIMIT_REQUEST_LINE,
         "limit_request_field_size": SERVER_LIMIT_FIELD_SIZE,
         "limit_request_fields": SERVER_LIMIT_FIELDS,
+        "asgi_loop": "auto",  # uvloop (a dependency), else asyncio
         "asgi_lifespan": "off",
         "control_socket_disable": True,  # one fixed path per user: servers side by side would clash  # the app is built before the worker serves; nothing to run
         "accesslog": None,  # the app logs each hook with its request id and timing
