@@ -1,4 +1,4 @@
-"""`b12-cds` command line: serve | evaluate | seed | feedback-report | audit.
+"""`b12-cds` command line: serve | evaluate | seed | feedback-report | audit | test-token | healthcheck.
 
 Each subcommand lives in `cds_service/commands/<name>.py` with `add_arguments(parser)` and
 `run(args) -> int`.
@@ -17,6 +17,8 @@ COMMANDS = {
     "seed": ("seed", "load the synthetic demo patients into a FHIR server"),
     "feedback-report": ("feedback_report", "acceptance report of the cards issued"),
     "audit": ("audit", "population dry run: every patient of a FHIR Bulk Data export through the engine"),
+    "test-token": ("test_token", "a signed test JWT from a local key, for trying the service outside demo mode"),
+    "healthcheck": ("healthcheck", "exit 0 when the local service's /healthz answers (the Docker HEALTHCHECK)"),
 }
 
 

@@ -34,14 +34,17 @@ class ServerProcess:
     """
 
     def __init__(self, command: list[str], *, log_path: Any, env: dict[str, str] | None = None,
-                 cwd: Any = None) -> None:
+                 cwd: Any = None, user: int | None = None) -> None:
         self.command, self.log_path, self.env, self.cwd = command, log_path, env, cwd
+        self.user = user
+        """Run as this uid (and the same gid); needs root."""
         self.proc: subprocess.Popen[bytes] | None = None
 
     def start(self, ready: Callable[[], bool], timeout: float = 60.0) -> "ServerProcess":
         with open(self.log_path, "ab") as log:
+            as_user = {"user": self.user, "group": self.user, "extra_groups": []} if self.user is not None else {}
             self.proc = subprocess.Popen(self.command, cwd=self.cwd, env=self.env, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+                                         stderr=subprocess.STDOUT, start_new_session=True, **as_user)
         end = time.monotonic() + timeout
         while time.monotonic() < end:
             if self.proc.poll() is not None:

@@ -1,13 +1,8 @@
 """`pip install .` (not editable) gives a service that starts anywhere: a wheel built from the
 source tree (`python -m build`) carries the default cards and value sets, installed into a fresh
 virtualenv it serves `/healthz` and a hook call from a directory far from the source tree, and
-`CDS_CARDS_DIR` / `CDS_VALUESETS_DIR` still replace the shipped defaults.
-
-Offline: the wheel is built without build isolation (setuptools, wheel and build come from this
-environment, `.[test]`), and the fresh virtualenv gets the wheel with `--no-deps`; its
-dependencies come from this environment's site-packages through a `.pth` path entry (a plain
-path line: the editable install's finder in this environment is not loaded there, so the only
-`cds_service` the new environment can import is the installed wheel; the test checks that).
+`CDS_CARDS_DIR` / `CDS_VALUESETS_DIR` still replace the shipped defaults.  Offline: see
+tests/integration/packaging.py.
 """
 
 from __future__ import annotations
@@ -15,37 +10,23 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import site
 import subprocess
-import sys
-import sysconfig
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import requests
 
-from tests.servers import ServerProcess, free_port, hook_body, http_ok, searchset
 from tests.fhir_builders import metformin, neck_pain, patient
+from tests.integration.packaging import REPO, build_wheel, install_into_fresh_venv
+from tests.servers import ServerProcess, free_port, hook_body, http_ok, searchset
 
 pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parents[2]
-IGNORED = shutil.ignore_patterns(".git", ".venv", "data", "build", "dist", "*.egg-info", "__pycache__",
-                                 ".pytest_cache", "test-artifacts", "node_modules")
 
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    src = tmp_path_factory.mktemp("src") / "b12-neck-cds"
-    shutil.copytree(REPO, src, ignore=IGNORED)
-    out = tmp_path_factory.mktemp("dist")
-    proc = subprocess.run([sys.executable, "-m", "build", "--wheel", "--no-isolation", "--outdir", str(out), str(src)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    [whl] = out.glob("*.whl")
-    return whl
+    return build_wheel(tmp_path_factory.mktemp("build"))
 
 
 def test_wheel_ships_the_default_cards_and_valuesets(wheel: Path) -> None:
@@ -58,19 +39,7 @@ def test_wheel_ships_the_default_cards_and_valuesets(wheel: Path) -> None:
 
 @pytest.fixture(scope="module")
 def venv(wheel: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("venv") / "env"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(root)], check=True, timeout=120)
-    purelib = Path(subprocess.run([str(root / "bin" / "python"), "-c",
-                                   "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                  capture_output=True, text=True, check=True).stdout.strip())
-    deps = [p for p in {sysconfig.get_paths()["purelib"], sysconfig.get_paths()["platlib"], *site.getsitepackages()}
-            if Path(p).is_dir()]
-    (purelib / "zz-test-dependencies.pth").write_text("\n".join(deps) + "\n")
-    proc = subprocess.run([sys.executable, "-m", "pip", "--python", str(root / "bin" / "python"), "install",
-                           "--no-deps", "--no-index", "--disable-pip-version-check", "-q", str(wheel)],
-                          capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    return root
+    return install_into_fresh_venv(wheel, tmp_path_factory.mktemp("venv") / "env")
 
 
 def _serve(venv: Path, tmp_path: Path, **env_extra: str) -> tuple[ServerProcess, str]:
