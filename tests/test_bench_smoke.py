@@ -48,3 +48,13 @@ def test_audit_benchmark_harness(tmp_path) -> None:
     assert result["engine_cpu"] > 0 and result["worker_peak_rss_mib"] > 10
     text = "\n".join(markdown(result, "python -m bench.audit"))
     assert "ratio to engine (CPU)" in text and "Peak memory" in text
+
+
+def test_policy_harness_times_the_read_and_the_hook() -> None:
+    from bench.policy import run_policy
+
+    small = next(p for p in all_patients() if p.size == "small")
+    row = run_policy(small, rows=20, reads=10, hook_calls=10, warmup=1)
+    assert (row.stored_rows, row.reads, row.hook_calls) == (20, 10, 10)
+    for value in (row.read_p50_us, row.hook_p50_ms, row.without_read_p50_ms, row.share_p50):
+        assert math.isfinite(value) and value >= 0
