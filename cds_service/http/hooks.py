@@ -125,7 +125,6 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
                                context.encounter_id, now)
 
     evaluation = s.engine.evaluate(gathered.record, hook_request, policy=policy)
-    g.evaluation = evaluation  # `b12-cds evaluate` reads it to explain an empty answer
     if s.record_cards:
         _record_issued(svc.id, hook_request, evaluation)
 
