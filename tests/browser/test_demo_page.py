@@ -422,3 +422,43 @@ def test_screenshot_of_a_card(demo: Page) -> None:
     assert path.stat().st_size > 20_000
     if os.environ.get("B12_UPDATE_DOCS_SCREENSHOT") == "1":
         shutil.copyfile(path, REPO / "docs" / "demo-screenshot.png")
+
+
+# ---------------------------------------------------------------------------------------------
+# Why this card / why no card
+# ---------------------------------------------------------------------------------------------
+
+
+def test_why_this_card_and_why_no_card(demo: Page) -> None:
+    """Under each card, and in place of a card, the service's explanation: the decision and its
+    reason code, each fact with the record entry behind it, what was not found."""
+    demo.open()
+    for entry in CATALOG:  # one page, every patient: the panel matches the catalog's outcome
+        cards = demo.choose(entry["patientId"])
+        why = demo.page.locator("#cards details.why")
+        assert why.count() == 1, entry["patientId"]
+        if entry["expected"] in CARD_KINDS:
+            assert cards.first.locator("details.why").count() == 1
+            assert why.get_attribute("data-why") == "card"
+            assert why.locator("summary").inner_text() == "Why this card"
+        else:
+            assert cards.count() == 0 and why.get_attribute("data-why") == "no-card"
+            assert why.locator("summary").inner_text() == "Why no card"
+            assert why.get_attribute("data-reason") == entry["expected"], entry["patientId"]
+
+    demo.choose("demo-metformin-chronic")
+    why = demo.page.locator("#cards article.card details.why")
+    why.locator("summary").click()
+    text = why.inner_text()
+    assert "Card b12-test: reason risk-and-symptoms (rule 8" in text
+    neck = why.locator("li[data-fact=neck_pain]").inner_text()
+    assert "Condition/demo-metformin-chronic-condition-1" in neck and "code 81680005 (http://snomed.info/sct)" in neck
+    assert "MedicationRequest/" in why.locator("li[data-fact=risk_factors]").inner_text()
+    assert why.locator(".why-not-found li[data-fact=b12_results]").count() == 1
+    assert "Skipped as invalid FHIR R4: nothing" in text
+
+    demo.choose("demo-recent-normal")
+    why = demo.page.locator("#cards details.why[data-why=no-card]")
+    why.locator("summary").click()
+    assert "No card: reason recent-normal (rule 6b" in why.inner_text()
+    assert "Latest B12 result used: Observation/" in why.inner_text()

@@ -430,7 +430,13 @@
         if (seq !== state.sequence) { return; }  // a newer call replaced this one
         if (!result.ok) { throw new Error("the service answered " + result.status + errorText(result.body)); }
         var cards = (result.body && result.body.cards) || [];
-        cards.forEach(function (card) { cardsNode.appendChild(renderCard(card, serviceId)); });
+        var why = explanationOf(result.body);
+        cards.forEach(function (card) {
+          var node = renderCard(card, serviceId);
+          if (why) { node.appendChild(renderExplanation(why, "Why this card")); }
+          cardsNode.appendChild(node);
+        });
+        if (!cards.length && why) { cardsNode.appendChild(renderExplanation(why, "Why no card")); }
         $("cards-status").textContent = cards.length
           ? cards.length + (cards.length === 1 ? " card" : " cards") + " from " + serviceId + " (" + hook + ")"
           : "No cards: " + serviceId + " (" + hook + ") returned an empty list.";
@@ -459,6 +465,70 @@
   // ------------------------------------------------------------------------------------------
 
   var INDICATOR_LABEL = { info: "Info", warning: "Warning", critical: "Critical" };
+
+  // ------------------------------------------------------------------------------------------
+  // Why: the service's explanation of its decision (demo and dev modes only), shown as text
+  // ------------------------------------------------------------------------------------------
+
+  var EXPLANATION_EXTENSION = "org.b12-neck-cds.explanation";
+
+  function explanationOf(body) {
+    var ext = body && body.extension;
+    return ext && typeof ext === "object" ? ext[EXPLANATION_EXTENSION] || null : null;
+  }
+
+  function evidenceText(x) {
+    if (x && typeof x === "object") {
+      if (x.key && Array.isArray(x.evidence)) {
+        return x.key + ": " + x.evidence.map(evidenceText).join("; ");
+      }
+      if (x.loinc !== undefined) {
+        var value = x.value === null || x.value === undefined ? "no readable value"
+          : (x.comparator || "") + x.value + (x.unit ? " " + x.unit : "");
+        return join("Observation/" + (x.resource_id || "?"), "LOINC " + x.loinc, x.on, value);
+      }
+      if (x.resource_type) {
+        return join(x.reference || x.resource_type,
+                    x.code ? "code " + x.code + (x.system ? " (" + x.system + ")" : "") : "matched by text",
+                    x.on, x.label ? "“" + x.label + "”" : "");
+      }
+      return JSON.stringify(x);
+    }
+    return String(x);
+  }
+
+  function renderExplanation(why, title) {
+    var d = why.decision || {};
+    var details = el("details", { className: "why", "data-why": d.kind ? "card" : "no-card",
+                                  "data-reason": d.reason || "" }, [el("summary", { text: title })]);
+    details.appendChild(el("p", { className: "why-decision", text:
+      (d.kind ? "Card " + d.kind : "No card") + ": reason " + d.reason +
+      (d.rule ? " (rule " + d.rule + " of the rules table, " + d.rules_table + ")" : "") }));
+    if (d.b12_result) { details.appendChild(el("p", { text: "Latest B12 result used: " + evidenceText(d.b12_result) + " → " + d.b12_band })); }
+    var facts = why.facts || {};
+    var found = el("ul", { className: "why-facts", "aria-label": "Facts found" });
+    Object.keys(facts).forEach(function (name) {
+      var value = facts[name];
+      var items = Array.isArray(value) ? value : [value];
+      var li = el("li", { "data-fact": name }, [el("strong", { text: name.replace(/_/g, " ") + ": " })]);
+      li.appendChild(document.createTextNode(items.map(evidenceText).join(" | ")));
+      found.appendChild(li);
+    });
+    details.appendChild(el("h5", { text: "Facts found" }));
+    details.appendChild(Object.keys(facts).length ? found : el("p", { className: "muted", text: "None" }));
+    var missing = why.not_found || [];
+    if (missing.length) {
+      details.appendChild(el("h5", { text: "Looked for and not found" }));
+      details.appendChild(el("ul", { className: "why-not-found" }, missing.map(function (m) {
+        return el("li", { "data-fact": m.fact, text: m.looked_for });
+      })));
+    }
+    details.appendChild(el("p", { className: "why-unavailable", text: "Could not be had: " +
+      ((why.unavailable || []).map(function (u) { return u.what; }).join(", ") || "nothing") }));
+    details.appendChild(el("p", { className: "why-skipped", text: "Skipped as invalid FHIR R4: " +
+      ((why.skipped_invalid || []).join(", ") || "nothing") }));
+    return details;
+  }
 
   function renderCard(card, serviceId) {
     var indicator = INDICATOR_LABEL[card.indicator] ? card.indicator : "info";
