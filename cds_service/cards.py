@@ -17,6 +17,7 @@ import logging
 import re
 from dataclasses import dataclass
 from datetime import date
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -27,12 +28,15 @@ from cds_service.config import Settings
 from cds_service.facts import Evidence, LabResult, PatientFacts
 from cds_service.fhir_validation import ValidationVerdicts, is_valid_r4b
 from cds_service.knowledge import LOINC, Knowledge
-from cds_service.rules import Decision, band_b12
+from cds_service.lab_values import format_number, normalize_unit
+from cds_service.rules import Decision, band_b12, cut_offs
 
 log = logging.getLogger(__name__)
 
 CARD_KINDS: tuple[str, ...] = ("low-b12", "mma-test", "b12-test")
 MMA_LOINC = "13964-2"
+ACTIVE_B12_VALUESET = "active-b12-lab"
+ANALYTE_NAMES = {"b12": "B12", "active-b12": "Active B12", "mma": "MMA"}
 MAX_SUMMARY = 139
 MAX_RECORD_TEXT = 120
 MAX_LIST_ITEMS = 5
@@ -139,10 +143,20 @@ class CardBuilder:
         return [labels[r.key].format(age=facts.age_years) for r in facts.risk_factors]
 
     def _summary(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
+        r = decision.b12_result
         if decision.kind == "low-b12":
-            r = decision.b12_result
             variant = "red_flags" if facts.red_flags and "red_flags" in spec["summary"] else "result"
-            return spec["summary"][variant].format(value=_num(r.value_ng_l), date=_day(r.on))[:MAX_SUMMARY]
+            if r.analyte == "active-b12":
+                variant += "_active"
+            return spec["summary"][variant].format(value=self.reported(r), date=_day(r.on))[:MAX_SUMMARY]
+        summaries = spec["summary"]
+        if decision.suggest == "active-b12":  # pregnancy: active B12 is the test (NICE NG239)
+            summaries = spec["summary_pregnancy"]
+            if decision.reason in ("low-total-b12-in-pregnancy", "indeterminate-total-b12-in-pregnancy") and r:
+                key = "low_total" if decision.reason == "low-total-b12-in-pregnancy" else "indeterminate_total"
+                if facts.red_flags:
+                    key += "_red_flags"
+                return summaries[key].format(value=self.reported(r), date=_day(r.on))[:MAX_SUMMARY]
         # Red flags lead the summary too: it is the line a busy clinician reads.  Without a listed
         # symptom (decision not recommended) the summary asks about symptoms instead of advising.
         if facts.red_flags:
@@ -151,15 +165,19 @@ class CardBuilder:
             variant = "suspected"
         else:
             variant = "neuropathic" if decision.recommended else "chronic"
-        template = spec["summary"][variant]
+        template = summaries[variant]
         labels = self.risk_labels(facts)
         # Name as many top risk factors as fit; the rest become "+N more".
+        # The result behind an MMA card is named with its value as reported ("indeterminate B12
+        # 245 pg/mL"); "active B12" is said in full so a pmol/L value is never read as total B12.
+        fields = {"value": self.reported(r) if r else "", "date": _day(r.on) if r else "",
+                  "test": "active B12" if r and r.analyte == "active-b12" else "B12"}
         for n in range(len(labels), 0, -1):
             shown = ", ".join(labels[:n]) + (f", +{len(labels) - n} more" if n < len(labels) else "")
-            text = template.format(risks=shown)
+            text = template.format(risks=shown, **fields)
             if len(text) <= MAX_SUMMARY:
                 return text
-        return template.format(risks=f"{len(labels)}")[:MAX_SUMMARY]
+        return template.format(risks=f"{len(labels)}", **fields)[:MAX_SUMMARY]
 
     # -- detail -------------------------------------------------------------------------------
     def _detail(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
@@ -174,6 +192,8 @@ class CardBuilder:
             advice = c["red_flags_advice_low"] if low else c["red_flags_advice"]
             parts.append(f"**{heading}**\n\n{_bullets(facts.red_flags)}\n\n{advice}\n\n"
                          f"{self._pain_timing(facts)} {self._compressive(facts)}")
+        if facts.pregnancy:  # it changes how every B12 result below is read (NICE NG239)
+            parts.append(f"**{h['pregnancy']}**\n\n{_bullets(facts.pregnancy)}\n\n{c['pregnancy_advice']}")
         if facts.suspected_deficiency:
             parts.append(f"**{h['suspected']}**\n\n{_bullets(facts.suspected_deficiency)}\n\n{c['suspected_note']}")
         # "Mechanical causes first" holds unless a red flag is documented: then the red flag comes first.
@@ -199,12 +219,20 @@ class CardBuilder:
         parts.append(f"**{h['neuropathic']}**\n\n{neuro}")
         parts.append(f"**{h['results']}**\n\n{self._results(facts)}")
         advice = spec["advice"]
+        if decision.reason in ("low-total-b12-in-pregnancy", "indeterminate-total-b12-in-pregnancy"):
+            advice = spec["advice_pregnancy_result"]
+        elif decision.suggest == "active-b12":
+            advice = spec["advice_pregnancy"]
+        elif decision.kind == "low-b12" and decision.b12_result and decision.b12_result.analyte == "active-b12":
+            advice = spec["advice_active"]
         if isinstance(advice, dict):  # wording that depends on whether a NICE-listed symptom is documented
             if facts.suspected_deficiency and "suspected" in advice:
                 advice = advice["suspected"]
             else:
                 advice = advice["with_neuropathic" if decision.recommended else "without_neuropathic"]
         parts.append(advice.format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l),
+                                   active_low=_num(s.active_b12_low_below_pmol_l),
+                                   active_high=_num(s.active_b12_normal_above_pmol_l),
                                    recent_days=s.recent_test_days))
         if facts.unavailable:
             wording = c["unavailable_data"]
@@ -231,47 +259,80 @@ class CardBuilder:
         return c["compressive_documented"].format(causes=shown)
 
     def _results(self, facts: PatientFacts) -> str:
-        lines = []
-        if facts.b12_results:
-            lines.append("- " + self._b12_line(facts.b12_results[0]))
-        if facts.mma_results:
-            m = facts.mma_results[0]
-            value = f"{_num(m.value)} {safe_text(m.unit, 20)}" if m.value is not None and m.unit else (
-                _num(m.value) if m.value is not None else "value not readable")
-            lines.append(f"- MMA {value} on {_day(m.on)}")
+        lines = [f"- {self._result_line(group[0], facts)}"
+                 for group in (facts.b12_results, facts.active_b12_results, facts.mma_results) if group]
+        lines += [f"- {self._result_line(r, facts)}" for r in facts.pending_results[:MAX_LIST_ITEMS]]
         return "\n".join(lines) if lines else self.texts.common["no_results"]
 
-    def _b12_line(self, r: LabResult) -> str:
+    def reported(self, r: LabResult) -> str:
+        """The value as the laboratory reported it: comparator, number as written, its unit; then
+        the equivalent in the unit the rules use, in brackets, when that unit differs
+        ("<100 pmol/L (<136 ng/L)", "245 pg/mL", "0.36 umol/L (360 nmol/L)")."""
+        if r.value is None:
+            return self.texts.common["value_not_readable"]
+        comparator = r.comparator if r.comparator in ("<", "<=", ">", ">=") else ""
+        number = r.value_text if r.value_text and _NUMBER.match(r.value_text) else _num(r.value)
+        text = f"{comparator}{number}"
+        unit = _unit_text(r.unit) if r.unit else ""
+        if unit:
+            text += f" {unit}"
+        equivalent = r.canonical if r.canonical is not None else (r.value_ng_l if r.analyte == "b12" else None)
+        canonical_unit = r.canonical_unit or ("ng/L" if r.analyte == "b12" else None)
+        if (equivalent is not None and canonical_unit and unit
+                and not _same_number(normalize_unit(r.unit), normalize_unit(canonical_unit), r.value, equivalent)):
+            text += f" ({comparator}{format_number(Decimal(str(equivalent)))} {canonical_unit})"
+        return text
+
+    def _result_line(self, r: LabResult, facts: PatientFacts) -> str:
+        c = self.texts.common
+        name = ANALYTE_NAMES.get(r.analyte, r.analyte)
+        head = f"{name} {self.reported(r)} on {_day(r.on)}"
+        if r.pending:
+            return f"{head}: {c['pending_result']}"
+        if r.implausible:
+            return f"{head}: {c['implausible_result']}"
+        if r.analyte == "mma":
+            return head
         s = self.settings
-        bands = self.texts.common["band_labels"]
         band = band_b12(r, s)
-        band_text = bands[band or "unbanded"].format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l))
-        if r.value_ng_l is not None:
-            comparator = safe_text(r.comparator, 2) if r.comparator else ""
-            value = f"{comparator}{_num(r.value_ng_l)} ng/L"
-            if r.unit and r.unit.replace(" ", "").lower() == "pmol/l":
-                value += f" ({comparator}{_num(r.value)} pmol/L)"
-        elif r.value is not None:
-            value = f"{_num(r.value)} {safe_text(r.unit or '', 20)}".strip()
-        else:
-            value = "value not readable"
-        return f"B12 {value} on {_day(r.on)}: {band_text}"
+        labels = c["band_labels_active"] if r.analyte == "active-b12" else c["band_labels"]
+        low, high = cut_offs(r, s)
+        key = band or "unbanded"
+        if band == "indeterminate" and r.comparator in ("<", "<="):
+            key = "low_or_indeterminate"
+        bound = ""
+        if key == "low_or_indeterminate":
+            v = r.canonical if r.canonical is not None else r.value_ng_l
+            bound = f"{format_number(Decimal(str(v)))} {r.canonical_unit or 'ng/L'}"
+        text = f"{head}: {labels[key].format(low=_num(low), high=_num(high), bound=bound)}"
+        if facts.pregnancy and r.analyte == "b12":
+            text += f"; {c['pregnancy_total_note']}"
+        return text
 
     # -- suggestion ---------------------------------------------------------------------------
     def _suggestion(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
                     context: Any) -> protocol.Suggestion | None:
         kind = decision.kind
-        loinc = MMA_LOINC if kind == "mma-test" else self.settings.b12_order_loinc
-        vs = "mma-lab" if kind == "mma-test" else "b12-lab"
+        texts = spec["suggestion"]
+        if kind == "mma-test":
+            loinc, vs = MMA_LOINC, "mma-lab"
+        elif decision.suggest == "active-b12":
+            # The verified holotranscobalamin code (valuesets/active-b12-lab.json).
+            codes = self.knowledge.valueset_codes(ACTIVE_B12_VALUESET)
+            if not codes:
+                return None
+            loinc, vs, texts = codes[0][1], ACTIVE_B12_VALUESET, spec["suggestion_active"]
+        else:
+            loinc, vs = self.settings.b12_order_loinc, "b12-lab"
         resource = build_service_request(
-            loinc=loinc, display=self.knowledge.display(vs, LOINC, loinc) or spec["suggestion"]["code_text"],
-            text=spec["suggestion"]["code_text"], facts=facts, context=context, intent=self.settings.order_intent,
+            loinc=loinc, display=self.knowledge.display(vs, LOINC, loinc) or texts["code_text"],
+            text=texts["code_text"], facts=facts, context=context, intent=self.settings.order_intent,
             verdicts=self.verdicts)
         if resource is None:
             return None
         return protocol.Suggestion(
-            label=spec["suggestion"]["label"], isRecommended=decision.recommended,
-            actions=[protocol.Action(type="create", description=spec["suggestion"]["action"], resource=resource)])
+            label=texts["label"], isRecommended=decision.recommended,
+            actions=[protocol.Action(type="create", description=texts["action"], resource=resource)])
 
 
 def build_service_request(*, loinc: str, display: str, text: str, facts: PatientFacts, context: Any,
@@ -311,6 +372,22 @@ def _num(value: float | None) -> str:
     if value is None:
         return "?"
     return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+_NUMBER = re.compile(r"^[+-]?[0-9]*[.,]?[0-9]+$")
+_UNIT_UNSAFE = re.compile(r"[^A-Za-z0-9/%. µμ]")
+
+
+def _unit_text(unit: str) -> str:
+    """A unit from the record made safe for both plain-text summaries and markdown details: only
+    letters, digits, "/", "%", ".", spaces and micro signs are kept (every unit of these analytes
+    fits), at most 20 characters."""
+    return " ".join(_UNIT_UNSAFE.sub("", unit).split())[:20]
+
+
+def _same_number(unit: str, canonical: str, value: float, equivalent: float) -> bool:
+    """Whether the reported unit shows the same number as the canonical one (pg/mL = ng/L)."""
+    return unit == canonical or abs(value - equivalent) < 1e-9
 
 
 def _day(on: date | None) -> str:

@@ -55,6 +55,16 @@ class Settings:
     result_lookback_days: int = 365
     b12_low_below_ng_l: float = 180.0
     b12_normal_above_ng_l: float = 350.0
+    active_b12_low_below_pmol_l: float = 25.0
+    """NICE NG239 active B12 (holotranscobalamin): below this, deficiency."""
+    active_b12_normal_above_pmol_l: float = 70.0
+    """NICE NG239 active B12: above this, deficiency unlikely (25-70 indeterminate)."""
+    pending_result_days: int = 30
+    """A registered/preliminary B12, active-B12 or MMA result this recent means the test is in
+    progress (no new suggestion); an older one is treated as abandoned."""
+    pregnancy_days: int = 294
+    """A "pregnant" record counts for this many days after its date (42 weeks, the longest
+    pregnancy) unless a later record ends it."""
     b12_order_loinc: str = "2132-9"
     validation_cache_size: int = 8192
     """R4B validation verdicts remembered per worker (a digest and a boolean each); 0: off."""

@@ -25,7 +25,7 @@ Counting rules (docs/rules.md, "What counts"):
 
 from __future__ import annotations
 
-import math
+import logging
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -36,7 +36,10 @@ from typing import Any
 from cds_service.config import Settings
 from cds_service.fhir_validation import ValidationVerdicts, is_valid_r4b
 from cds_service.knowledge import LOINC, Knowledge
+from cds_service.lab_values import ReadValue, is_plausible, read_value, unit_factor
 from cds_service.record import PatientRecord
+
+log = logging.getLogger("cds_service.facts")
 
 # --- constants --------------------------------------------------------------------------------
 
@@ -52,12 +55,17 @@ CONDITION_SETS = frozenset({
     "compressive-causes", "red-flags", "diabetes", "vegan-vegetarian-diet", "malabsorption",
     "gastric-surgery", "alcohol-use-disorder", "b12-deficiency",
     "neurological-red-flags", "peripheral-neuropathy", "b12-low-finding", "b12-deficiency-history",
-    "malabsorption-persistent",
+    "malabsorption-persistent", "pregnancy", "pregnancy-ended",
 })
 FINDING_SETS = frozenset({"neuropathic-features", "vegan-vegetarian-diet", "red-flags",
-                          "neurological-red-flags", "peripheral-neuropathy", "b12-low-finding"})
-"""Sets an Observation may establish, by its code or its valueCodeableConcept."""
-LAB_SETS = frozenset({"b12-lab", "mma-lab"})
+                          "neurological-red-flags", "peripheral-neuropathy", "b12-low-finding",
+                          "pregnancy", "pregnancy-ended"})
+"""Sets an Observation may establish, by its code or its valueCodeableConcept (a pregnancy-status
+Observation, LOINC 82810-3, carries "pregnant"/"not pregnant" as its value)."""
+LAB_SETS = frozenset({"b12-lab", "mma-lab", "active-b12-lab"})
+"""Laboratory value sets, matched on Observation.code and on each Observation.component.code (a
+panel such as "B12 and folate" sends its results as components)."""
+ANALYTE_OF_SET = {"b12-lab": "b12", "active-b12-lab": "active-b12", "mma-lab": "mma"}
 MEDICATION_SETS = frozenset({"metformin", "acid-suppressants", "b12-replacement"})
 SURGERY_SET = "gastric-surgery"
 PERSISTENT_SETS = frozenset({SURGERY_SET, "malabsorption", "malabsorption-persistent"})
@@ -77,16 +85,16 @@ COUNTED_CLINICAL = frozenset({"active", "recurrence", "relapse"})
 EXCLUDED_VERIFICATION = frozenset({"refuted", "entered-in-error"})
 EXCLUDED_OBSERVATION = frozenset({"entered-in-error", "cancelled"})
 FINAL_LAB = frozenset({"final", "amended", "corrected"})
+PENDING_LAB = frozenset({"registered", "preliminary", "partial"})
+"""A result in progress: never banded; a recent one means the test is under way (rules)."""
 ACTIVE_MEDICATION = frozenset({"active", "on-hold"})
 PENDING_ORDER = frozenset({"active", "on-hold"})
 DEAD_DRAFT = frozenset({"revoked", "entered-in-error", "completed", "cancelled", "stopped"})
 NEGATIVE_ANSWERS = frozenset({"no", "n", "absent", "negative", "neg", "none", "false", "not present",
                               "not detected", "denies", "denied", "not found"})
 
-# Serum B12 unit conversion to ng/L (= pg/mL).  pmol/L x 1.355 (cyanocobalamin 1355.4 g/mol;
-# NICE NG239 cut-offs 180 ng/L ~ 133 pmol/L, 350 ng/L ~ 258 pmol/L; clinical-knowledge.md 1e).
-B12_TO_NG_L = {"pg/ml": 1.0, "ng/l": 1.0, "pmol/l": 1.355}
-LOINC_DEFAULT_UNIT = {"2132-9": "pg/ml", "14685-2": "pmol/l"}
+# Unit conversion factors, plausible ranges and the unit assumed for a unit-less result are data
+# in each laboratory ValueSet file (valuesets/b12-lab.json etc.), with their sources.
 
 _NO_MATCH: Mapping[str, Match] = MappingProxyType({})
 """Shared read-only 'nothing matched' (avoids allocating a dict per coded element)."""
@@ -143,17 +151,30 @@ class RiskFactor:
 
 @dataclass(frozen=True)
 class LabResult:
-    """A final/amended/corrected B12 or MMA result."""
+    """A B12, active-B12 or MMA result (final/amended/corrected, or in progress: `pending`)."""
 
     resource_id: str | None
     loinc: str
     on: date | None
     value: float | None
     unit: str | None
-    """The unit as read from the record (UCUM code, else unit text), or the LOINC default."""
+    """The unit as the laboratory reported it (Quantity.unit, else its UCUM code, else the unit
+    in a string value), or the LOINC code's own unit when none was sent."""
     comparator: str | None = None
     value_ng_l: float | None = None
-    """B12 value in ng/L, None when the value or its unit cannot be read (then it is not banded)."""
+    """Total B12 in ng/L, None when the value or its unit cannot be read (then it is not banded)."""
+    analyte: str = "b12"
+    """"b12" (total), "active-b12" (holotranscobalamin) or "mma"."""
+    canonical: float | None = None
+    """The value in the analyte's canonical unit (ng/L, pmol/L, nmol/L); None when unreadable,
+    in an unknown unit, or implausible."""
+    canonical_unit: str | None = None
+    value_text: str | None = None
+    """The number exactly as reported ("245", "245.0", "0.36"), for display."""
+    implausible: bool = False
+    """A value outside the analyte's plausible range: never interpreted, not a test done."""
+    pending: bool = False
+    """Registered/preliminary: the test is in progress; never banded."""
 
 
 @dataclass(frozen=True)
@@ -175,6 +196,12 @@ class PatientFacts:
     """Newest first; results without a date last."""
     mma_results: tuple[LabResult, ...]
     pending_orders: tuple[Evidence, ...]
+    active_b12_results: tuple[LabResult, ...] = ()
+    """Active B12 (holotranscobalamin) results, newest first."""
+    pending_results: tuple[LabResult, ...] = ()
+    """B12/active-B12/MMA results still registered or preliminary, newest first."""
+    pregnancy: tuple[Evidence, ...] = ()
+    """Evidence of a current pregnancy (recent, not abated, resolved or followed by a delivery)."""
     unavailable: frozenset[str] = frozenset()
     skipped_resources: int = 0
     skipped_references: tuple[str, ...] = ()
@@ -435,7 +462,7 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
     medications = {m["id"]: m for m in _dicts(record.medications) if type(m.get("id")) is str}
 
     _conditions(record.conditions, knowledge, validator, col)
-    b12, mma = _observations(record.observations, knowledge, validator, col)
+    labs = _observations(record.observations, knowledge, validator, col)
     _medications(record.medication_requests, "MedicationRequest", knowledge, validator, col, medications)
     _medications(record.medication_statements, "MedicationStatement", knowledge, validator, col, medications)
     _acid_suppressant_risk(col)
@@ -483,9 +510,13 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
         neurological_red_flags=col.get("neurological-red-flags"),
         peripheral_neuropathy=col.get("peripheral-neuropathy"),
         suspected_deficiency=col.get("b12-deficiency-suspected") + col.get("b12-low-finding"),
-        b12_results=_newest_first(b12),
-        mma_results=_newest_first(mma),
+        b12_results=_newest_first([r for r in labs if r.analyte == "b12" and not r.pending]),
+        mma_results=_newest_first([r for r in labs if r.analyte == "mma" and not r.pending]),
         pending_orders=col.get("pending-order"),
+        active_b12_results=_newest_first([r for r in labs if r.analyte == "active-b12" and not r.pending]),
+        pending_results=_newest_first([r for r in labs if r.pending]),
+        pregnancy=current_pregnancy(col.get("pregnancy"), col.get("pregnancy-ended"), today,
+                                    settings.pregnancy_days),
         unavailable=frozenset(record.unavailable),
         skipped_resources=validator.skipped,
         skipped_references=tuple(validator.skipped_refs),
@@ -546,6 +577,32 @@ def _match_condition_text(knowledge: Knowledge, concept: Any) -> dict[str, Match
     return found
 
 
+def current_pregnancy(evidence: tuple[Evidence, ...], ended: tuple[Evidence, ...], today: date,
+                      max_days: int) -> tuple[Evidence, ...]:
+    """The pregnancy evidence that still describes a current pregnancy.
+
+    A record counts when it is dated within `max_days` (a pregnancy lasts at most about 42 weeks,
+    so an older "pregnant" record describes a pregnancy that has ended, whatever its status) and
+    no "ended" record (not pregnant, delivery, postpartum care, an abatement) is dated on or after
+    it.  An undated record counts (its active status is the only statement we have)."""
+    ends = [e.on for e in ended if e.on is not None]
+    kept = []
+    for e in evidence:
+        if e.on is not None and ((today - e.on).days > max_days or e.on > today):
+            continue
+        if e.on is not None and any(end >= e.on for end in ends):
+            continue
+        if e.on is None and ends:
+            continue
+        kept.append(e)
+    return tuple(kept)
+
+
+def _abatement_date(res: dict[str, Any]) -> date | None:
+    """The date a Condition abated, when one can be read."""
+    return _first_date(res, "abatementDateTime", "abatementPeriod.end", "abatementPeriod.start")
+
+
 def _conditions(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
                 col: _Collector) -> None:
     for res in _dicts(resources):
@@ -558,6 +615,7 @@ def _conditions(resources: Iterable[Any], knowledge: Knowledge, validator: _Vali
         if verification & EXCLUDED_VERIFICATION:
             continue
         onset = _first_date(res, "onsetDateTime", "onsetPeriod.start") or _first_date(res, "recordedDate")
+        ended_on: date | None = None
         clinical = _status_codes(res.get("clinicalStatus"))
         active = (not clinical or bool(clinical & COUNTED_CLINICAL)) and not _abated(res, col.today)
         if active and not clinical and _is_encounter_diagnosis(res):
@@ -575,6 +633,13 @@ def _conditions(resources: Iterable[Any], knowledge: Knowledge, validator: _Vali
                 kept["b12-deficiency-history"] = matched["b12-deficiency"]
             if "b12-deficiency-history" in matched:
                 kept["b12-deficiency-history"] = matched["b12-deficiency-history"]
+            # A delivery or "not pregnant" stays a fact; an abated pregnancy is evidence that it
+            # ended, from its abatement date (without a date it simply no longer counts).
+            if "pregnancy-ended" in matched:
+                kept["pregnancy-ended"] = matched["pregnancy-ended"]
+            if "pregnancy" in matched and _abatement_date(res):
+                ended_on = _abatement_date(res)
+                kept["pregnancy-ended"] = matched["pregnancy"]
             matched = kept
             if not matched:
                 continue
@@ -591,31 +656,43 @@ def _conditions(resources: Iterable[Any], knowledge: Knowledge, validator: _Vali
             continue
         rid = _s(res.get("id"))
         for name, match in matched.items():
-            col.add(name, Evidence.of(name, match, "Condition", rid, onset))
+            on = ended_on if name == "pregnancy-ended" and ended_on else onset
+            col.add(name, Evidence.of(name, match, "Condition", rid, on))
         if "neck-pain" in matched and onset:
             col.onsets.append(onset)
 
 
 def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Validator,
-                  col: _Collector) -> tuple[list[LabResult], list[LabResult]]:
-    b12: list[LabResult] = []
-    mma: list[LabResult] = []
+                  col: _Collector) -> list[LabResult]:
+    labs: list[LabResult] = []
     for res in resources:
         if type(res) is not dict:
             continue
         by_code = _match_concept(knowledge, res.get("code"))
         value_cc = res.get("valueCodeableConcept")
-        if not by_code and value_cc is None:
+        components = res.get("component")
+        if not by_code and value_cc is None and type(components) is not list:
             continue  # fast path: most observations (vitals, other labs) match nothing
         status = _s(res.get("status"))
         if status in EXCLUDED_OBSERVATION:
             continue
         lab = by_code.keys() & LAB_SETS
-        if lab:
-            if status not in FINAL_LAB or not validator.ok(res, "Observation"):
+        # A panel ("B12 and folate") sends its results as components with their own codes.
+        parts = [(res, lab)] if lab else []
+        if type(components) is list:
+            for comp in components:
+                if type(comp) is dict:
+                    comp_lab = _match_concept(knowledge, comp.get("code")).keys() & LAB_SETS
+                    if comp_lab:
+                        parts.append((comp, comp_lab))
+        if parts:
+            if (status not in FINAL_LAB and status not in PENDING_LAB) or not validator.ok(res, "Observation"):
                 continue
-            result = _lab_result(res, by_code)
-            (b12 if "b12-lab" in lab else mma).append(result)
+            for element, sets in parts:
+                labs.append(_lab_result(res, element, sets, knowledge, pending=status in PENDING_LAB))
+            if lab:
+                continue
+        if not by_code and value_cc is None:
             continue
         findings = {k: v for k, v in by_code.items() if k in FINDING_SETS}
         if findings and _is_negative_answer(knowledge, res):
@@ -628,37 +705,51 @@ def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
         on = _first_date(res, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
         for name, match in findings.items():
             col.add(name, Evidence.of(name, match, "Observation", _s(res.get("id")), on))
-    return b12, mma
+    return labs
 
 
-def _lab_result(res: dict[str, Any], by_code: Mapping[str, str]) -> LabResult:
-    loinc = next((c.get("code").strip() for c in _codings(res.get("code"))
-                  if c.get("system") == LOINC and _s(c.get("code"))), "")
+def _lab_result(res: dict[str, Any], element: dict[str, Any], sets: Iterable[str], knowledge: Knowledge,
+                pending: bool) -> LabResult:
+    """One result: `element` is the Observation itself or one of its components (the date, id and
+    status are the Observation's).  The value is read wherever FHIR puts it (lab_values.read_value)
+    and converted with the analyte's unit table; an implausible value is kept but not interpreted,
+    and logged without the value or any patient data."""
+    set_name = next(n for n in ("b12-lab", "active-b12-lab", "mma-lab") if n in sets)
+    analyte = ANALYTE_OF_SET[set_name]
+    loinc = next((c.get("code").strip() for c in _codings(element.get("code"))
+                  if c.get("system") == LOINC and _s(c.get("code"))
+                  and set_name in knowledge.match_code(LOINC, c.get("code"))), "")
     on = _first_date(res, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
-    qty = _d(res.get("valueQuantity"))
-    raw = qty.get("value")
-    value = float(raw) if isinstance(raw, (int, float)) and not isinstance(raw, bool) else None
-    if value is not None and not math.isfinite(value):
-        value = None
-    comparator = _s(qty.get("comparator"))
-    unit_candidates = [u for u in (_s(qty.get("code")), _s(qty.get("unit"))) if u]
-    unit = unit_candidates[0] if unit_candidates else None
-    value_ng_l = None
-    if "b12-lab" in by_code and value is not None:
-        factor = None
-        for candidate in unit_candidates:
-            factor = B12_TO_NG_L.get(candidate.replace(" ", "").lower())
-            if factor is not None:
-                unit = candidate
-                break
-        if not unit_candidates:
-            # No unit at all: the LOINC code's own property decides (2132-9 mass, 14685-2 molar).
-            unit = LOINC_DEFAULT_UNIT.get(loinc)
-            factor = B12_TO_NG_L.get(unit) if unit else None
-        if factor is not None:
-            value_ng_l = round(value * factor, 1)
-    return LabResult(resource_id=_s(res.get("id")), loinc=loinc, on=on, value=value, unit=unit,
-                     comparator=comparator, value_ng_l=value_ng_l)
+    read: ReadValue | None = read_value(element)
+    units = knowledge.lab_units(set_name)
+    unit = read.unit if read else None
+    canonical = None
+    implausible = False
+    if read is not None and units is not None:
+        found = unit_factor(read, units, loinc)
+        if found is not None:
+            factor, found_unit = found
+            if unit is None:
+                unit = found_unit  # no unit sent: the LOINC code's own unit was assumed
+            value = read.number * factor
+            if is_plausible(value, units) and read.number > 0:
+                canonical = float(value)
+            else:
+                implausible = True
+                log.warning("implausible laboratory value not interpreted",
+                            extra={"event": "implausible_lab_value", "detail": analyte})
+        elif read.number <= 0:
+            implausible = True
+            log.warning("implausible laboratory value not interpreted",
+                        extra={"event": "implausible_lab_value", "detail": analyte})
+    return LabResult(
+        resource_id=_s(res.get("id")), loinc=loinc, on=on,
+        value=float(read.number) if read else None, unit=unit,
+        comparator=read.comparator if read else None,
+        value_ng_l=canonical if analyte == "b12" and not pending else None,
+        analyte=analyte, canonical=None if pending else canonical,
+        canonical_unit=units.canonical if units else None,
+        value_text=read.text if read else None, implausible=implausible, pending=pending)
 
 
 def _medications(resources: Iterable[Any], rtype: str, knowledge: Knowledge, validator: _Validator,

@@ -27,8 +27,11 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import dataclass, field
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
+
+from cds_service.lab_values import LabUnits, normalize_unit
 
 BASE_URL = "https://b12-neck-cds.example.org"
 PREFIX_EXTENSION = f"{BASE_URL}/StructureDefinition/code-prefix"
@@ -38,6 +41,15 @@ PREFIX_DISPLAY_EXTENSION = f"{BASE_URL}/StructureDefinition/code-prefix-display"
 SYNONYM_EXTENSION = f"{BASE_URL}/StructureDefinition/name-synonym"
 EXCLUDED_TEXT_EXTENSION = f"{BASE_URL}/StructureDefinition/excluded-text"
 REQUIRES_TEXT_EXTENSION = f"{BASE_URL}/StructureDefinition/requires-supporting-text"
+LAB_CANONICAL_UNIT_EXTENSION = f"{BASE_URL}/StructureDefinition/lab-canonical-unit"
+"""On a laboratory ValueSet: the unit its rules compare in (valueString, UCUM)."""
+LAB_UNIT_EXTENSION = f"{BASE_URL}/StructureDefinition/lab-unit-conversion"
+"""On a laboratory ValueSet: one unit it accepts, with sub-extensions `unit` (valueString, UCUM),
+`factor` (valueDecimal: multiply to get the canonical unit) and `source` (valueString)."""
+LAB_PLAUSIBLE_EXTENSION = f"{BASE_URL}/StructureDefinition/lab-plausible-range"
+"""On a laboratory ValueSet: valueRange (canonical unit) outside which a value is not interpreted."""
+LAB_DEFAULT_UNIT_EXTENSION = f"{BASE_URL}/StructureDefinition/lab-default-unit"
+"""On a concept of a laboratory ValueSet: the unit assumed when a result has none (valueString)."""
 
 SNOMED = "http://snomed.info/sct"
 ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
@@ -48,9 +60,9 @@ VALUESET_NAMES: tuple[str, ...] = (
     "neck-pain", "chronic-neck-pain", "neuropathic-features", "mechanical-causes",
     "compressive-causes", "red-flags", "diabetes", "metformin", "acid-suppressants",
     "vegan-vegetarian-diet", "malabsorption", "gastric-surgery", "alcohol-use-disorder",
-    "b12-deficiency", "b12-replacement", "b12-lab", "mma-lab",
+    "b12-deficiency", "b12-replacement", "b12-lab", "mma-lab", "active-b12-lab",
     "neurological-red-flags", "peripheral-neuropathy", "b12-low-finding", "b12-deficiency-history",
-    "malabsorption-persistent", "absent-answers",
+    "malabsorption-persistent", "absent-answers", "pregnancy", "pregnancy-ended",
 )
 """The value set names other modules rely on (a contract: file name = ValueSet.id = name)."""
 
@@ -104,6 +116,8 @@ class ValueSetDef:
     """Lower-case phrases that cancel a match by text for this value set."""
     text_required: tuple[tuple[str, str, tuple[str, ...]], ...] = ()
     """(system, code, phrases): concepts that count only with one of the phrases in the record's text."""
+    lab_units: LabUnits | None = None
+    """Units, conversion factors and plausible range of a laboratory value set (None otherwise)."""
 
     def display_for(self, system: str, code: str) -> str | None:
         for s, c, d in self.codes:
@@ -292,6 +306,11 @@ class Knowledge:
     def display(self, name: str, system: str, code: str) -> str | None:
         return self.valuesets[name].display_for(system, code)
 
+    def lab_units(self, name: str) -> LabUnits | None:
+        """Unit knowledge of laboratory value set `name` (None when it has none)."""
+        vs = self.valuesets.get(name)
+        return vs.lab_units if vs else None
+
 
 def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
     """Read one ValueSet resource into a `ValueSetDef` (unverified codes are ignored)."""
@@ -302,6 +321,7 @@ def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
     prefixes: list[tuple[str, str]] = []
     prefix_displays: list[str] = []
     text_required: list[tuple[str, str, tuple[str, ...]]] = []
+    default_units: dict[str, str] = {}
     for include in resource.get("compose", {}).get("include", []):
         system = include["system"]
         prefix = _extension_value(include, PREFIX_EXTENSION, "valueString")
@@ -318,6 +338,9 @@ def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
                             if e.get("url") == REQUIRES_TEXT_EXTENSION)
             if phrases:
                 text_required.append((system, concept["code"], phrases))
+            default_unit = _extension_value(concept, LAB_DEFAULT_UNIT_EXTENSION, "valueString")
+            if default_unit:
+                default_units[concept["code"]] = default_unit
     extensions = resource.get("extension", [])
     names = tuple(e["valueString"].lower() for e in extensions if e.get("url") == INGREDIENT_EXTENSION)
     synonyms = tuple(e["valueString"].lower() for e in extensions if e.get("url") == SYNONYM_EXTENSION)
@@ -325,7 +348,36 @@ def parse_valueset(resource: dict[str, Any]) -> ValueSetDef:
     return ValueSetDef(name=name, title=resource.get("title", name), url=resource.get("url", ""),
                        codes=tuple(codes), prefixes=tuple(prefixes),
                        prefix_displays=tuple(prefix_displays), ingredient_names=names,
-                       synonyms=synonyms, excluded_texts=excluded, text_required=tuple(text_required))
+                       synonyms=synonyms, excluded_texts=excluded, text_required=tuple(text_required),
+                       lab_units=_lab_units(resource, default_units))
+
+
+def _lab_units(resource: dict[str, Any], default_units: dict[str, str]) -> LabUnits | None:
+    """The unit knowledge of a laboratory ValueSet (see LAB_*_EXTENSION), None when absent.
+    Factors are read as decimals from their JSON text so 1.355 stays exactly 1.355."""
+    canonical = _extension_value(resource, LAB_CANONICAL_UNIT_EXTENSION, "valueString")
+    if not canonical:
+        return None
+    factors: dict[str, Decimal] = {normalize_unit(canonical): Decimal(1)}
+    for ext in resource.get("extension", []):
+        if ext.get("url") != LAB_UNIT_EXTENSION:
+            continue
+        parts = {e.get("url"): e for e in ext.get("extension", [])}
+        unit = parts["unit"]["valueString"]
+        factor = Decimal(str(parts["factor"]["valueDecimal"]))
+        if factor <= 0 or not parts.get("source", {}).get("valueString"):
+            raise ValueError(f"ValueSet {resource.get('name')}: unit {unit!r} needs a positive factor and a source")
+        factors[normalize_unit(unit)] = factor
+    plausible = _extension_value(resource, LAB_PLAUSIBLE_EXTENSION, "valueRange") or {}
+    low = plausible.get("low", {}).get("value")
+    high = plausible.get("high", {}).get("value")
+    for code, unit in default_units.items():
+        if normalize_unit(unit) not in factors:
+            raise ValueError(f"ValueSet {resource.get('name')}: default unit {unit!r} of {code} has no factor")
+    return LabUnits(canonical=canonical, factors=factors,
+                    plausible_low=Decimal(str(low)) if low is not None else None,
+                    plausible_high=Decimal(str(high)) if high is not None else None,
+                    default_units=dict(default_units) or None)
 
 
 def _extension_value(element: dict[str, Any], url: str, key: str) -> Any:

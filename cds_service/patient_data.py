@@ -120,7 +120,9 @@ SEARCHES: dict[str, SearchSpec] = {
         "Condition", facts.CONDITION_SETS, count=SEARCH_COUNT,
         unfiltered_because="ICD-10-CM families (E11, K50...) cannot be a token search; dot-less "
                            "and lower-case ICD-10-CM spellings; resolved surgical history still counts"),
-    "labResults": SearchSpec("Observation", facts.LAB_SETS, "code", sort="-date"),
+    # combo-code (FHIR R4: Observation.code or component.code) also finds panels that send
+    # B12/MMA as components under a panel code of their own.
+    "labResults": SearchSpec("Observation", facts.LAB_SETS, "combo-code", sort="-date"),
     # Findings by code and by value: the matcher reads every FINDING_SETS set both ways (a diet
     # recorded as an Observation *coded* "vegetarian diet", or a "diet" Observation whose value
     # is "vegan diet"; a neurological exam whose value is "paraesthesia").

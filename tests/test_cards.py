@@ -67,10 +67,11 @@ def test_summary_stays_under_140_chars_with_many_risk_factors(engine) -> None:
 
 def test_low_card_summary_has_value_and_date_and_no_suggestion(engine) -> None:
     card = only_card(run(engine, neck_pain(), b12_result(120, unit="pmol/L", loinc="14685-2", on=days_before(30))))
-    assert "162.6 ng/L" in card.summary and days_before(30).isoformat() in card.summary
+    # the laboratory's unit first, the ng/L equivalent in brackets (summary and detail)
+    assert "120 pmol/L (163 ng/L) on " + days_before(30).isoformat() in card.summary
     assert card.indicator == "warning"
     assert card.suggestions is None and card.selectionBehavior is None
-    assert "(120 pmol/L)" in card.detail  # both units shown for a molar result
+    assert "B12 120 pmol/L (163 ng/L) on" in card.detail
 
 
 def test_mma_card_suggests_mma(engine) -> None:

@@ -59,6 +59,8 @@ def test_each_demo_patient_gives_its_expected_outcome(entry: dict, today: date) 
                          at_noon(today))
     assert (ev.decision.kind or ev.decision.reason) == entry["expected"]
     assert ev.skipped_resources == 0
+    if entry.get("shows"):
+        assert entry["shows"] in ev.cards[0].summary
     if ev.decision.kind:
         sr_patient = f"Patient/{entry['patientId']}"
         for s in ev.cards[0].suggestions or ():

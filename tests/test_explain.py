@@ -50,7 +50,7 @@ def test_no_card_explanation_gives_the_reason_the_result_and_what_was_missing() 
     out = explain(ev, unavailable_wording={"procedures": "surgical procedures"})
     assert not ev.cards
     assert out["decision"]["kind"] is None and out["decision"]["reason"] == rules.RECENT_NORMAL
-    assert out["decision"]["rule"] == "6b" and out["decision"]["b12_band"] == "normal"
+    assert out["decision"]["rule"] == "7b" and out["decision"]["b12_band"] == "normal"
     assert out["decision"]["b12_result"]["resource_id"] == "b12a" and out["decision"]["b12_result"]["value"] == 520
     assert out["unavailable"] == [{"key": "procedures", "what": "surgical procedures"}]
     assert out["cards"] == []

@@ -28,6 +28,9 @@ VALUESETS = {
     "mma-lab": [(LOINC, "13964-8")],
     "neuropathic-features": [(SCT, "44077006"), (SCT, "91019004")],
     "vegan-vegetarian-diet": [(SCT, "160670007"), (SCT, "224488000")],
+    "active-b12-lab": [(LOINC, "72160-5")],
+    "pregnancy": [(SCT, "77386006"), (LOINC, "LA15173-0")],
+    "pregnancy-ended": [(SCT, "60001007")],
 }
 TOKEN = "s3cr3t-access-token"
 
@@ -86,7 +89,7 @@ def serve_all(stub: StubServer, prefetch: dict[str, Any]) -> None:
 # Templates
 # ---------------------------------------------------------------------------------------------
 
-ALLOWED_PARAMS = {"patient", "code", "value-concept", "status", "_count", "_sort"}
+ALLOWED_PARAMS = {"patient", "code", "combo-code", "value-concept", "status", "_count", "_sort"}
 
 
 def test_templates_cover_exactly_the_record_keys() -> None:
@@ -101,7 +104,7 @@ def test_search_templates_use_only_the_valid_subset_and_are_bounded(key: str) ->
     assert set(params) <= ALLOWED_PARAMS
     assert params["patient"] == "{{context.patientId}}"
     assert 0 < int(params["_count"]) <= 100
-    for value in (params.get("code"), params.get("value-concept")):
+    for value in (params.get("code"), params.get("combo-code"), params.get("value-concept")):
         if value:  # token equality list: system|code,system|code
             assert all("|" in item and not item.startswith("|") for item in value.split(","))
 
@@ -112,12 +115,15 @@ def test_patient_template_is_an_instance_read() -> None:
 
 def test_code_filters_come_from_the_value_sets() -> None:
     labs = dict(parse_qsl(TEMPLATES["labResults"].partition("?")[2]))
-    assert set(labs["code"].split(",")) == {f"{LOINC}|2132-9", f"{LOINC}|14685-2", f"{LOINC}|13964-8"}
+    # combo-code: the Observation's code or a component's code (panels send B12 as a component)
+    assert set(labs["combo-code"].split(",")) == {f"{LOINC}|2132-9", f"{LOINC}|14685-2", f"{LOINC}|13964-8",
+                                                  f"{LOINC}|72160-5"}
     assert labs["_sort"] == "-date"
     # Every finding set is asked for both by code and by value, as the matcher reads both: a
     # diet recorded as an Observation coded "vegetarian diet" is found as well as one whose
     # value is.
-    finding_codes = {f"{SCT}|44077006", f"{SCT}|91019004", f"{SCT}|160670007", f"{SCT}|224488000"}
+    finding_codes = {f"{SCT}|44077006", f"{SCT}|91019004", f"{SCT}|160670007", f"{SCT}|224488000",
+                     f"{SCT}|77386006", f"{LOINC}|LA15173-0", f"{SCT}|60001007"}
     findings = dict(parse_qsl(TEMPLATES["findings"].partition("?")[2]))
     assert set(findings["code"].split(",")) == finding_codes
     values = dict(parse_qsl(TEMPLATES["findingValues"].partition("?")[2]))
@@ -145,7 +151,7 @@ def test_codes_with_search_special_characters_are_escaped() -> None:
 
 def test_empty_value_set_leaves_the_search_unfiltered_not_empty() -> None:
     templates = build_prefetch_templates(lambda name: [])
-    assert "code=" not in templates["labResults"]
+    assert "code=" not in templates["labResults"] and "combo-code" not in templates["labResults"]
     assert templates["labResults"].startswith("Observation?patient={{context.patientId}}")
 
 

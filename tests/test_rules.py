@@ -72,7 +72,8 @@ def test_band_boundaries_179_180_350_351(ng_l: float, band: str) -> None:
     assert band_b12(b12(ng_l, 1), SETTINGS) == band
 
 
-@pytest.mark.parametrize("comparator,ng_l,band", [("<", 150, "low"), ("<", 180, "low"), ("<", 200, None),
+@pytest.mark.parametrize("comparator,ng_l,band", [("<", 150, "low"), ("<", 180, "low"), ("<=", 180, "indeterminate"),
+                                                      ("<", 200, "indeterminate"), ("<", 351, None), (">=", 350, None),
                                                   (">", 2000, "normal"), (">", 300, None)])
 def test_censored_values_band_only_when_unambiguous(comparator, ng_l, band) -> None:
     assert band_b12(b12(ng_l, 1, comparator), SETTINGS) == band
@@ -142,9 +143,20 @@ def test_rule5_pending_order_also_suppresses_mma() -> None:
 
 # Rule 6 ---------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("days,expected", [(0, RECENT_TEST), (56, RECENT_TEST), (57, "mma-test")])
+@pytest.mark.parametrize("days,expected", [(0, RECENT_TEST), (56, RECENT_TEST), (57, "b12-test")])
 def test_rule6_recent_test_boundary_56_57(days: int, expected: str) -> None:
-    assert outcome(facts(b12_results=(b12(250, days),))) == expected
+    # an unreadable result (unit not recognised) is still a test done on its date
+    assert outcome(facts(b12_results=(b12(None, days),))) == expected
+
+
+@pytest.mark.parametrize("days", [0, 30, 56, 57, 200])
+def test_indeterminate_b12_leads_to_mma_even_inside_the_retest_window(days: int) -> None:
+    # the 56-day window is for repeating B12, not for the second-line test (NICE NG239)
+    assert outcome(facts(b12_results=(b12(250, days),))) == "mma-test"
+
+
+def test_indeterminate_superseded_by_a_newer_unreadable_b12_is_a_recent_test() -> None:
+    assert outcome(facts(b12_results=(b12(None, 5), b12(250, 30)))) == RECENT_TEST
 
 
 def test_rule6_unbanded_recent_result_still_counts_as_a_test() -> None:

@@ -54,7 +54,7 @@ TOKEN_PATHS = re.compile(r"^/cds-services(/[A-Za-z0-9._-]{1,128}(/feedback)?)?$|
 """Paths a demo token may be minted for: discovery, a service, its feedback, the report."""
 
 SEARCH_PARAMS_IGNORED = frozenset({"_count", "_sort", "_total", "_summary", "_elements"})
-LAB_VALUESETS = ("b12-lab", "mma-lab")
+LAB_VALUESETS = ("b12-lab", "mma-lab", "active-b12-lab")
 MAX_PATIENT_ID = 64
 
 
@@ -164,7 +164,8 @@ def _value_text(obs: dict[str, Any]) -> str:
     for key in ("valueString", "valueBoolean", "valueInteger"):
         if key in obs:
             return str(obs[key])
-    return ""
+    parts = [f"{_text(c.get('code'))}: {_value_text(c)}" for c in obs.get("component") or [] if isinstance(c, dict)]
+    return "; ".join(parts)
 
 
 def _when(res: dict[str, Any], *keys: str) -> str:
@@ -212,7 +213,9 @@ def chart(resources: Iterable[dict[str, Any]]) -> dict[str, Any]:
             interpretation = [_text(i) for i in res.get("interpretation") or [] if isinstance(i, dict)]
             if interpretation:
                 item["interpretation"] = ", ".join(t for t in interpretation if t)
-            (out["results"] if _matches(res.get("code"), labs) else out["findings"]).append(item)
+            is_lab = _matches(res.get("code"), labs) or any(
+                _matches(c.get("code"), labs) for c in res.get("component") or [] if isinstance(c, dict))
+            (out["results"] if is_lab else out["findings"]).append(item)
     out["results"].sort(key=lambda r: r["date"], reverse=True)
     return out
 
@@ -290,8 +293,10 @@ def _search_matches(res: dict[str, Any], name: str, value: str, patient_id: str)
     if name in ("patient", "subject"):
         target = _unescape(value).removeprefix("Patient/")
         return target == patient_id and _references_patient(res, patient_id)
-    if name == "code":
+    if name in ("code", "combo-code"):
         concepts = [res.get("code")]
+        if name == "combo-code" and isinstance(res.get("component"), list):
+            concepts += [c.get("code") for c in res["component"] if isinstance(c, dict)]
         if isinstance(res.get("medicationCodeableConcept"), dict):
             concepts.append(res["medicationCodeableConcept"])
         return _token_matches([c for concept in concepts for c in _codings(concept)], value)

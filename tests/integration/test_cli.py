@@ -208,7 +208,7 @@ def test_no_card_is_explained(fhir_base: str, seeded: list[str]) -> None:
     proc = b12_cds("evaluate", "--fhir-server", fhir_base, "--patient", "demo-recent-normal")
     assert proc.returncode == 0, proc.stderr
     assert "No cards" in proc.stdout
-    assert "Decision: no card, reason recent-normal (rule 6b" in proc.stdout
+    assert "Decision: no card, reason recent-normal (rule 7b" in proc.stdout
     assert "latest B12 result used: Observation/" in proc.stdout and "-> normal" in proc.stdout
 
 
