@@ -460,5 +460,5 @@ def test_why_this_card_and_why_no_card(demo: Page) -> None:
     demo.choose("demo-recent-normal")
     why = demo.page.locator("#cards details.why[data-why=no-card]")
     why.locator("summary").click()
-    assert "No card: reason recent-normal (rule 6b" in why.inner_text()
+    assert "No card: reason recent-normal (rule 7b" in why.inner_text()
     assert "Latest B12 result used: Observation/" in why.inner_text()
