@@ -68,9 +68,6 @@ panel such as "B12 and folate" sends its results as components)."""
 ANALYTE_OF_SET = {"b12-lab": "b12", "active-b12-lab": "active-b12", "mma-lab": "mma"}
 MEDICATION_SETS = frozenset({"metformin", "acid-suppressants", "b12-replacement"})
 SURGERY_SET = "gastric-surgery"
-PERSISTENT_SETS = frozenset({SURGERY_SET, "malabsorption", "malabsorption-persistent"})
-"""Sets that still count when a Condition is inactive/resolved/abated - surgery always, and
-malabsorption only when the code is also in malabsorption-persistent (checked in _conditions)."""
 ABSENT_ANSWERS = "absent-answers"
 SUSPECTED_VERIFICATION = frozenset({"provisional", "differential", "unconfirmed"})
 """FHIR condition-ver-status codes short of confirmed: for a B12-deficiency diagnosis these mean

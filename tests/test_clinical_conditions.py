@@ -569,7 +569,7 @@ def test_low_b12_with_a_red_flag_says_treat_not_check(engine) -> None:
     ev = run(engine, acute_neck(), cond(MYELOPATHY), b12_result(120, on=days_before(20)))
     card = ev.cards[0]
     assert outcome(ev) == "low-b12" and card.indicator == "warning"
-    assert card.summary.startswith("Red flags: assess urgently") and "do not delay treatment" in card.summary
+    assert card.summary.startswith("Red flags: assess urgently") and "do not delay B12 treatment" in card.summary
     first = card.detail.split("\n\n**")[0]
     assert "do not delay B12 treatment" in first and "check B12 alongside" not in card.detail
 
