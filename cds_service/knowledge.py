@@ -70,6 +70,9 @@ NEGATION_CUES: tuple[str, ...] = tuple(f" {cue} " for cue in (
     "no", "not", "denies", "denied", "without", "negative", "negative for", "absent", "free of",
     "ruled out", "history of", "hx of", "h o", "resolved", "family history", "fh", "never"))
 """Whole-word cues that negate a name found after them in free text (matched on normalized text)."""
+POST_NEGATION_CUES: tuple[str, ...] = tuple(f" {cue} " for cue in (
+    "negative", "absent", "not present", "not seen", "ruled out", "unlikely", "resolved", "denied"))
+"""Whole-word cues that negate a name found before them ("Babinski negative", "tingling resolved")."""
 _WORD_CHARS = re.compile(r"[^a-z0-9]+")
 _EMPTY: frozenset[str] = frozenset()
 _CACHE_LIMIT = 50_000
@@ -253,8 +256,8 @@ class Knowledge:
     def match_text_affirmed(self, text: Any, allowed: frozenset[str]) -> dict[str, str]:
         """Value set name -> the phrase found, for the sets in `allowed` whose names appear in
         `text` (whole words) and are not preceded by a negation cue ("no", "denies", "without",
-        "history of"... : NegEx-style pre-negation triggers, Chapman et al., J Biomed Inform
-        2001).  For free-text problem-list entries, where "Cervical spondylosis without
+        "history of"...) or followed by a post-negation cue ("negative", "resolved"...): NegEx-style
+        triggers, Chapman et al., J Biomed Inform 2001.  For free-text problem-list entries, where "Cervical spondylosis without
         myelopathy" must not read as myelopathy."""
         if type(text) is not str or not text:
             return {}
@@ -267,8 +270,11 @@ class Knowledge:
         for phrase, vs in self._ingredients:
             if vs in allowed and vs not in found:
                 at = norm.find(phrase)
-                if at >= 0 and not any(cue in norm[:at + 1] for cue in NEGATION_CUES):
-                    found[vs] = phrase.strip()
+                if at < 0 or any(cue in norm[:at + 1] for cue in NEGATION_CUES):
+                    continue
+                if any(cue in norm[at + len(phrase) - 1:] for cue in POST_NEGATION_CUES):
+                    continue
+                found[vs] = phrase.strip()
         if found:
             for phrase, vs in self._excluded:
                 if vs in found and phrase in norm:

@@ -617,3 +617,17 @@ def test_text_never_silences_the_card(engine) -> None:
     # "B12 deficiency" typed as text is not a confirmed, coded diagnosis: it does not suppress
     ev = run(engine, neck_pain(onset_days=200), metformin(), condition("91019004"), _text_only("Vitamin B12 deficiency"))
     assert outcome(ev) == "b12-test"
+
+
+@pytest.mark.parametrize("text,red_flag", [
+    ("Hoffmann sign positive bilaterally", True), ("Hyperreflexia both legs, ankle clonus", True),
+    ("Babinski negative", False), ("Lhermitte's sign", True), ("Gait disturbance - resolved", False),
+])
+def test_text_only_cord_compression_signs(engine, text, red_flag) -> None:
+    ev = run(engine, acute_neck(), metformin(), _text_only(text))
+    assert bool(ev.facts.neurological_red_flags) is red_flag
+    assert outcome(ev) == ("b12-test" if red_flag else ACUTE_OR_EXPLAINED)
+
+
+def test_b_12_spelled_with_a_space_or_hyphen(engine) -> None:
+    assert outcome(run(engine, neck_pain(), metformin(), medication_statement(text="B-12 1000 mcg daily"))) == ALREADY_HANDLED
