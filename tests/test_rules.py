@@ -11,7 +11,7 @@ from cds_service.config import Settings
 from cds_service.facts import Evidence, LabResult, PatientFacts, RiskFactor
 from cds_service.rules import (
     ACUTE_OR_EXPLAINED, ALREADY_HANDLED, MMA_DONE, NO_NECK_PAIN, NO_RISK_FACTOR, PENDING_ORDER,
-    RECENT_NORMAL, RECENT_TEST, band_b12, decide,
+    RECENT_NORMAL, RECENT_TEST, SUSPECTED_DEFICIENCY, band_b12, decide,
 )
 from tests.fhir_builders import TODAY, days_before
 
@@ -202,3 +202,48 @@ def test_red_flags_do_not_suppress_the_card() -> None:
 
 def test_no_card_decisions_carry_no_indicator() -> None:
     assert decide(facts(risk_factors=()), SETTINGS).indicator is None
+
+
+# Red flags, the neurology of B12, suspected deficiency, recommendation -----------------------------
+
+MYELOPATHY = (ev("neurological-red-flags"),)
+
+
+@pytest.mark.parametrize("compressive", [(), (ev("compressive-causes"),)])
+def test_a_neurological_red_flag_is_never_switched_off_by_acute_pain_or_a_compressive_cause(compressive) -> None:
+    d = decide(facts(chronic=False, red_flags=MYELOPATHY, neurological_red_flags=MYELOPATHY,
+                     compressive=compressive), SETTINGS)
+    assert (d.kind, d.indicator, d.recommended) == ("b12-test", "warning", True)
+
+
+def test_an_other_red_flag_with_acute_pain_does_not_open_the_b12_question() -> None:
+    # a fracture or infection is urgent, but not a B12 presentation: the usual timing rule applies
+    assert outcome(facts(chronic=False, red_flags=(ev("red-flags"),))) == ACUTE_OR_EXPLAINED
+
+
+def test_root_compression_explains_sensory_features_but_not_a_distal_polyneuropathy() -> None:
+    sensory = (ev("neuropathic-features"),)
+    comp = (ev("compressive-causes"),)
+    assert outcome(facts(chronic=False, neuropathic=sensory, compressive=comp)) == ACUTE_OR_EXPLAINED
+    d = decide(facts(chronic=False, neuropathic=sensory, peripheral_neuropathy=sensory, compressive=comp), SETTINGS)
+    assert (d.kind, d.recommended) == ("b12-test", True)
+
+
+def test_a_suspected_deficiency_is_a_reason_to_test_without_risk_factor_or_chronic_pain() -> None:
+    d = decide(facts(risk_factors=(), chronic=False, suspected_deficiency=(ev("b12-deficiency-suspected"),)), SETTINGS)
+    assert (d.kind, d.reason, d.indicator, d.recommended) == ("b12-test", SUSPECTED_DEFICIENCY, "warning", True)
+
+
+def test_a_suspected_deficiency_still_respects_a_recent_normal_result_and_a_pending_order() -> None:
+    s = (ev("b12-deficiency-suspected"),)
+    assert outcome(facts(risk_factors=(), suspected_deficiency=s, b12_results=(b12(500, 100),))) == RECENT_NORMAL
+    assert outcome(facts(risk_factors=(), suspected_deficiency=s, pending_orders=(ev("pending-order"),))) == PENDING_ORDER
+
+
+def test_chronic_pain_and_a_risk_factor_alone_are_not_recommended() -> None:
+    d = decide(facts(), SETTINGS)
+    assert (d.kind, d.recommended) == ("b12-test", False)
+    assert decide(facts(neuropathic=(ev("neuropathic-features"),)), SETTINGS).recommended is True
+    # explained features only: the card still shows (chronic pain) but the order is not pre-selected
+    explained = facts(neuropathic=(ev("neuropathic-features"),), compressive=(ev("compressive-causes"),))
+    assert decide(explained, SETTINGS).recommended is False
