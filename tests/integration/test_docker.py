@@ -25,7 +25,7 @@ import pytest
 import requests
 from docker.utils.build import exclude_paths
 
-from tests.integration.packaging import REPO, build_wheel, install_into_fresh_venv
+from tests.integration.wheel_install import REPO, build_wheel, install_into_fresh_venv
 from tests.servers import ServerProcess, free_port, http_ok
 
 pytestmark = pytest.mark.integration

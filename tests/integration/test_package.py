@@ -2,7 +2,7 @@
 source tree (`python -m build`) carries the default cards and value sets, installed into a fresh
 virtualenv it serves `/healthz` and a hook call from a directory far from the source tree, and
 `CDS_CARDS_DIR` / `CDS_VALUESETS_DIR` still replace the shipped defaults.  Offline: see
-tests/integration/packaging.py.
+tests/integration/wheel_install.py.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import requests
 
 from tests.fhir_builders import metformin, neck_pain, patient
-from tests.integration.packaging import REPO, build_wheel, install_into_fresh_venv
+from tests.integration.wheel_install import REPO, build_wheel, install_into_fresh_venv
 from tests.servers import ServerProcess, free_port, hook_body, http_ok, searchset
 
 pytestmark = pytest.mark.integration
