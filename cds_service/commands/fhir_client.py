@@ -17,6 +17,8 @@ from urllib.parse import urlsplit
 import requests
 import urllib3.exceptions
 
+from cds_service import fhir_url
+
 FHIR_JSON = "application/fhir+json"
 
 
@@ -42,6 +44,10 @@ def checked_base_url(url: str, option: str = "--fhir-server") -> str:
         raise CliError(f"{option} {url!r} is not a valid URL") from None
     if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
         raise CliError(f"{option} {url!r} is not an http(s) URL (expected e.g. http://127.0.0.1:8090/fhir)")
+    try:
+        fhir_url.normalise(text)  # the service's own check of fhirServer and CDS_FHIR_ALLOWLIST
+    except fhir_url.UnsafeUrl as err:
+        raise CliError(f"{option} {url!r} is not a usable FHIR base URL ({err.reason})") from None
     return text.rstrip("/")
 
 

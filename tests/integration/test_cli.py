@@ -158,6 +158,9 @@ def test_user_errors_without_traceback(tmp_path: Path, fhir_base: str) -> None:
     assert "is not an http(s) URL" in line
     line = one_line_error(b12_cds("evaluate", "--fhir-server", "http://[::1", "--patient", "p1"))
     assert "not a valid URL" in line
+    line = one_line_error(b12_cds("evaluate", "--fhir-server", "http://127.0.0.1:8090/fhir/%2e%2e/x",
+                                  "--patient", "p1"))
+    assert "not a usable FHIR base URL (encoded dot segment in path)" in line
     line = one_line_error(b12_cds("evaluate", "--fhir-server", fhir_base, "--patient", "p1", "--hook",
                                   "order-select", "--draft-orders", str(tmp_path / "missing.json")))
     assert "no such file" in line
