@@ -167,6 +167,9 @@ class SuppressionPeriods:
              known_reasons: frozenset[str], card_kinds: frozenset[str]) -> "SuppressionPeriods":
         """Read and check the file (unknown reason or kind, negative days: fail at start-up)."""
         path = Path(cards_dir) / SUPPRESSION_FILE
+        if not path.is_file():
+            raise ValueError(f"{path} is missing: the suppression periods after feedback (copy the "
+                             "shipped cards/suppression.json and adjust it)")
         raw = json.loads(path.read_text(encoding="utf-8"))
         overridden = {str(k): _days(v, path, k) for k, v in raw["overridden"].items()}
         accepted = {str(k): _days(v, path, k) for k, v in raw.get("accepted", {}).items()}

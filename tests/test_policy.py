@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from collections.abc import Callable
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
@@ -408,3 +409,28 @@ def test_evaluate_with_an_encounter_says_locked_out(app, client, tmp_path, fhir_
     text = " ".join(capsys.readouterr().out.split())
     assert text.startswith(f"No cards: locked-out. The rules chose a b12-test card, already shown in this "
                            f"encounter by {PV}")
+
+
+def test_suppression_periods_are_checked_at_start(make_app, tmp_path):
+    cards = tmp_path / "cards"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "cards", cards)
+    periods = json.loads((cards / "suppression.json").read_text())
+    periods["overridden"]["no-such-reason"] = 10
+    (cards / "suppression.json").write_text(json.dumps(periods))
+    with pytest.raises(ValueError, match="unknown override reasons"):
+        make_app(cards_dir=str(cards))
+    (cards / "suppression.json").unlink()
+    with pytest.raises(ValueError, match="suppression.json is missing"):
+        make_app(cards_dir=str(cards))
+
+
+def test_a_deployment_can_change_a_period(make_app, tmp_path):
+    cards = tmp_path / "cards"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "cards", cards)
+    periods = json.loads((cards / "suppression.json").read_text())
+    periods["overridden"]["tested-elsewhere"] = 0  # 0: this reason does not suppress
+    (cards / "suppression.json").write_text(json.dumps(periods))
+    client = make_app(cards_dir=str(cards)).test_client()
+    (card,) = hook(client, "p1", chart("p1"))
+    override(client, card, "tested-elsewhere")
+    assert len(hook(client, "p1", chart("p1"))) == 1
