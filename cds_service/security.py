@@ -272,6 +272,7 @@ class RequestVerifier:
         self.settings = settings
         self.store = store
         self._clock = clock
+        self._auth_off_warned = False
         self.issuers: dict[str, TrustedIssuer] = load_trusted_issuers(settings)
         self.admin_issuers: dict[str, TrustedIssuer] = load_admin_issuers(settings)
         self.demo_issuer: DemoIssuer | None = None
@@ -307,8 +308,12 @@ class RequestVerifier:
         Raises `CdsError(401, "unauthorized")` on any failure (the reason is logged, never the token).
         """
         if self.settings.auth_disabled:
-            log.warning("auth_disabled", extra={"event": "auth_disabled", "path": request.path,
-                                                "detail": "JWT verification is OFF (CDS_AUTH_DISABLED=1)"})
+            # Said once per worker (and once at start by create_app): a warning on every request
+            # cost ~10% of a hook call and buried the log lines that matter.
+            if not self._auth_off_warned:
+                self._auth_off_warned = True
+                log.warning("auth_disabled", extra={"event": "auth_disabled", "path": request.path,
+                                                    "detail": "JWT verification is OFF (CDS_AUTH_DISABLED=1)"})
             return None
         claims, _issuer = self._verified(request, self.issuers)
         return claims
