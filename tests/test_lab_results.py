@@ -455,3 +455,21 @@ def test_censored_low_or_indeterminate_names_its_own_bound(engine) -> None:
 def test_an_implausible_recent_value_is_not_called_a_usable_result(engine) -> None:
     detail = run(engine, lab(B12_CODE, 20, quantity=qty(5, "pg/mL", "pg/mL"))).cards[0].detail
     assert "No usable B12 result in the last 56 days" in detail
+
+
+MYELOPATHY = {"resourceType": "Condition", "id": "rf1", "subject": {"reference": "Patient/p1"},
+              "clinicalStatus": {"coding": [{"system": CLINICAL, "code": "active"}]},
+              "code": {"coding": [{"system": ICD, "code": "M47.12",
+                                   "display": "Other spondylosis with myelopathy, cervical region"}]},
+              "onsetDateTime": days_before(20).isoformat()}
+
+
+def test_red_flags_lead_the_pregnancy_low_total_summary_without_treat(engine) -> None:
+    card = run(engine, pregnancy_condition(), MYELOPATHY, lab(B12_CODE, 30, string="<150 pg/mL")).cards[0]
+    assert card.summary.startswith("Red flags, assess urgently; pregnant, low total B12 <150 pg/mL")
+    assert "treat" not in card.summary.lower() and len(card.summary) < 140
+
+
+def test_red_flags_with_a_low_active_b12(engine) -> None:
+    card = run(engine, MYELOPATHY, lab(ACTIVE_CODE, 30, quantity=qty(18, "pmol/L", "pmol/L"))).cards[0]
+    assert card.summary.startswith("Red flags: assess urgently; neck pain with low active B12 18 pmol/L")
