@@ -284,8 +284,15 @@ def patients(draw: st.DrawFn, pid: str) -> list[dict[str, Any]]:
             str(TODAY.year - draw(st.integers(20, 95)))]))  # a year only, now and then
     out: list[dict[str, Any]] = [patient]
     # Most patients have neck pain (often recorded more than once), so the rules have work to do.
-    for _ in range(0 if draw(st.integers(0, 5)) == 5 else draw(st.integers(1, 3))):
-        out.append(draw(condition(pid, rid("c"), draw(st.sampled_from(["neck-pain", "neck-pain", "chronic-neck-pain"])))))
+    for n in range(0 if draw(st.integers(0, 5)) == 5 else draw(st.integers(1, 3))):
+        neck = draw(condition(pid, rid("c"), draw(st.sampled_from(["neck-pain", "neck-pain", "chronic-neck-pain"]))))
+        if n == 0 and draw(st.integers(0, 3)) != 3:  # the first one mostly a plain active problem
+            neck["clinicalStatus"] = {"coding": [{"system": CLINICAL, "code": "active"}]}
+            neck["verificationStatus"] = {"coding": [{"system": VERIFICATION, "code": "confirmed"}]}
+            neck.pop("abatementDateTime", None)
+            if "coding" not in neck["code"]:
+                neck["code"] = draw(coded("neck-pain"))
+        out.append(neck)
     out += [draw(condition(pid, rid("c"))) for _ in range(draw(st.integers(0, 4)))]
     out += [draw(lab_result(pid, rid("lab"))) for _ in range(draw(st.integers(0, 2)))]
     out += [draw(finding(pid, rid("obs"))) for _ in range(draw(st.integers(0, 3)))]
