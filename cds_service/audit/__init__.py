@@ -11,5 +11,10 @@ Pipeline (each step a module):
    `PatientRecord` and evaluated; the result is a mergeable `Tally` plus one row per patient.
 4. `runner`: runs 2 and 3 on a local process pool or on a Dask distributed cluster (the same
    task functions either way) with a progress bar, then merges the tallies in shard order.
+`report` turns the merged tally into the report (JSON; `reports.html` renders it), and
 `bulk_export` starts a `$export` on a FHIR server and downloads its output files.
+
+The audit shows what the rules would show.  The alert policy that acts on feedback
+(suppression after a dismissal, silent mode) is not applied: before go-live nothing has been
+dismissed, and a silent-mode pilot is what the audit prepares.
 """
