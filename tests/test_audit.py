@@ -193,7 +193,7 @@ def test_a_directory_of_bundles_gives_the_same_answer(export, settings, pool_run
 
 
 def test_local_pool_and_dask_cluster_give_identical_results(export, settings, pool_run, tmp_path) -> None:
-    distributed = pytest.importorskip("distributed")
+    import distributed
     run, report = pool_run
     with distributed.LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                                   dashboard_address=None, memory_limit="1GiB", silence_logs=40) as cluster:

@@ -26,12 +26,15 @@ from cds_service.cards import CardTexts
 from cds_service.cli import main
 from cds_service.config import Settings
 from cds_service.store import SQLITE_FILENAME, IssuedCard, Store
-from tests.browser.test_demo_page import CHROMIUM_ARGS, CHROMIUM, TIMEOUT_MS  # noqa: F401  (shared setup)
 from tests.servers import ServerProcess, free_port, http_ok
 
 pytestmark = pytest.mark.browser
 
 B12_CDS = str(Path(sys.executable).with_name("b12-cds"))
+CHROMIUM = "/usr/bin/chromium"  # Debian's (scripts/test.sh installs it); never `playwright install`
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]
+TIMEOUT_MS = 20_000
 SERVICE = "b12-neck-pain-patient-view"
 COMMON = CardTexts.load(Settings().cards_dir).common
 
