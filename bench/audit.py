@@ -9,12 +9,16 @@
    generator (different ids) is grouped in memory and each `PatientRecord` is evaluated with
    `ClinicalEngine.evaluate` in this process (a fresh engine, so validation verdicts are cold as
    they are for an export: every resource is new).  Only the engine is timed.
-3. The audit (`run_audit`, the CLI's code path, progress bars off) on 1 worker, then on every
-   usable core.  Per-patient cost per core = wall time x workers / patients (so it includes
-   reading, sharding, the pool's start-up and the merge).  Peak memory: the largest RSS of any
-   worker process (`RUSAGE_CHILDREN`) and of the driver.
+3. The audit's code path against the bare engine in this process, shard by shard alternating
+   (so both meet the same load at the same moments): the per-patient cost ratio.
+4. The audit (`run_audit`, the CLI's code path, progress bars off) on 1 worker, then on every
+   usable core, against the bare engine on as many processes: CPU per patient (getrusage of the
+   driver and the workers: includes the pool's start-up, reading, sharding and the merge),
+   wall-clock patients/s and the speed-up (which needs a quiet machine; the engine's own
+   speed-up on the same machine shows what it allowed).  Peak memory: the largest VmHWM of
+   any worker process, and the driver's peak RSS.
 
-Targets: per-patient cost per core within 1.3x of the engine's; speed-up near-linear
+Targets: per-patient cost within 1.3x of the engine's (step 3); speed-up near-linear
 (>= 0.8 x cores).
 """
 
@@ -24,6 +28,7 @@ import argparse
 import os
 import resource
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -34,10 +39,14 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import orjson
+
 from bench.common import machine
-from cds_service.app import tune_garbage_collector
 from bench.population import REFERENCE_DATE, patient_resources, write_population
-from cds_service.audit.evaluate import hook_request_for
+from cds_service.app import tune_garbage_collector
+from cds_service.audit.evaluate import engine_for, evaluate_shard, hook_request_for
+from cds_service.audit.inputs import plan_partitions
+from cds_service.audit.shards import read_shard, split_partition
 from cds_service.audit.runner import run_audit, usable_cores
 from cds_service.config import Settings
 from cds_service.engine import ClinicalEngine
@@ -111,6 +120,39 @@ def engine_cost(directory: Path, settings: Settings, workers: int) -> dict[str, 
             "patients_per_s": n / max(r[1] for r in results), "patients": n}
 
 
+def interleaved_ratio(directory: Path, settings: Settings, tmp: Path, n_shards: int = 16) -> dict[str, float]:
+    """The audit's code path against the bare engine in one process, shard by shard, alternating
+    (A: `evaluate_shard`, B: `ClinicalEngine.evaluate` on the same shard's prebuilt records), so
+    both meet the same machine load at the same moments; plus the split phase.  CPU time."""
+    work = tmp / "work-interleaved"
+    settings_engine = ClinicalEngine.load(settings)
+    engine_for(settings)  # the audit worker's one-time engine load is not a per-patient cost
+    cpu = time.process_time
+    t = cpu()
+    for part in plan_partitions([directory]):
+        split_partition(part, str(work), n_shards)
+    split_s = cpu() - t
+    audit_s = engine_s = 0.0
+    patients = 0
+    for k in range(n_shards):
+        t = cpu()
+        tally = evaluate_shard(str(work), k, settings, NOW.isoformat())
+        audit_s += cpu() - t
+        records = [(pid, PatientRecord.from_resources([orjson.loads(raw) for raw in lines]))
+                   for pid, lines in sorted(read_shard(str(work), k).items())]
+        records = [(pid, r) for pid, r in records if r.patient is not None]
+        assert len(records) == tally["patients_evaluated"]
+        t = cpu()
+        for pid, record in records:
+            settings_engine.evaluate(record, hook_request_for(pid), NOW)
+        engine_s += cpu() - t
+        patients += len(records)
+        del records
+    shutil.rmtree(work, ignore_errors=True)
+    return {"patients": patients, "split_us": split_s / patients * 1e6, "evaluate_us": audit_s / patients * 1e6,
+            "engine_us": engine_s / patients * 1e6, "ratio": (split_s + audit_s) / engine_s}
+
+
 def run(patients: int, sample: int, workers_all: int, tmp: Path) -> dict[str, Any]:
     settings = Settings.from_env({"log_level": "ERROR", "data_dir": str(tmp / "data")})
     t0 = time.perf_counter()
@@ -131,12 +173,14 @@ def run(patients: int, sample: int, workers_all: int, tmp: Path) -> dict[str, An
                          "cpu_per_patient": cpu / n, "load": load,
                          "cards": sum(audit.tally.get("cards", {}).values())})
     driver_peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    tune_garbage_collector()  # as in the audit's workers
+    interleaved = interleaved_ratio(population.directory, settings, tmp)
     baseline = write_population(tmp / "sample", sample, seed=43, prefix="s")
     engine = {r["workers"]: engine_cost(baseline.directory, settings, r["workers"]) for r in runs}
     for r in runs:
         r["engine"] = engine[r["workers"]]
     return {"patients": patients, "resources": population.resources, "bytes": size, "generate_s": generate_s,
-            "engine_sampled": engine[1]["patients"], "runs": runs,
+            "engine_sampled": engine[1]["patients"], "runs": runs, "interleaved": interleaved,
             "worker_peak_rss_mib": peak.peak_kib / 1024, "driver_peak_rss_mib": driver_peak}
 
 
@@ -148,7 +192,14 @@ def markdown(result: dict[str, Any], command: str) -> list[str]:
                  f"{result['bytes'] / 2**20:,.0f} MiB of NDJSON (generated in {result['generate_s']:.1f} s). "
                  f"Engine baseline: `ClinicalEngine.evaluate` on prebuilt records of {result['engine_sampled']:,} "
                  "patients of the same generator, in as many processes as the audit run it is compared with.")
-    lines += ["", "CPU per patient: CPU seconds of the driver and all workers / patients (what the cores spend, "
+    i = result["interleaved"]
+    lines += ["", f"**Audit code path vs the engine, same process, shard by shard alternating** (robust to the "
+                  f"machine's load, which moves both alike): per patient {i['split_us']:,.0f} µs splitting + "
+                  f"{i['evaluate_us']:,.0f} µs grouping, parsing and evaluating, against {i['engine_us']:,.0f} µs "
+                  f"for `ClinicalEngine.evaluate` alone on the same patients: **ratio {i['ratio']:.2f}** "
+                  f"({i['patients']:,} patients)."]
+    lines += ["", "Runs on a process pool (what `b12-cds audit` does), against the engine alone on as many processes; "
+                  "CPU per patient: CPU seconds of the driver and all workers / patients (what the cores spend, "
                   "whatever else runs on the machine).", "",
               "| workers | shards | load avg at start | audit wall s | audit patients/s | audit patients/s per core "
               "| audit CPU µs per patient | engine CPU µs per patient | ratio (CPU) | audit speed-up | "
@@ -163,11 +214,11 @@ def markdown(result: dict[str, Any], command: str) -> list[str]:
                      f"{r['cpu_per_patient'] / e['cpu_per_patient']:.2f} | {one['seconds'] / r['seconds']:.2f} | "
                      f"{e['patients_per_s'] / one['engine']['patients_per_s']:.2f} |")
     last = result["runs"][-1]
-    ratio = max(r["cpu_per_patient"] / r["engine"]["cpu_per_patient"] for r in result["runs"])
+    ratio = i["ratio"]
     efficiency = one["seconds"] / last["seconds"] / last["workers"]
     lines += ["", f"Peak memory: largest worker process {result['worker_peak_rss_mib']:.0f} MiB (VmHWM), "
                   f"driver {result['driver_peak_rss_mib']:.0f} MiB.",
-              "", f"Targets: CPU per patient within {TARGET_RATIO}x of the engine's: {ratio:.2f}x, "
+              "", f"Targets: per-patient cost within {TARGET_RATIO}x of the engine's (interleaved): {ratio:.2f}x, "
                   f"{'met' if ratio <= TARGET_RATIO else '**NOT met**'}; near-linear speed-up (efficiency >= "
                   f"{TARGET_EFFICIENCY}): {efficiency:.2f}, "
                   f"{'met' if efficiency >= TARGET_EFFICIENCY else '**NOT met** (compare the engine speed-up: what the machine allowed)'}."]
