@@ -138,7 +138,7 @@ class _executor:
 
             client = Client(self.scheduler, set_as_default=False)
             self._close = client.close
-            n = max(1, sum(w.get("nthreads", 1) for w in client.scheduler_info()["workers"].values()))
+            n = max(1, sum(client.nthreads().values()))  # worker threads in the whole cluster
 
             def submit_dask(fn: Callable[..., Any], args: list[tuple[Any, ...]]) -> list[Any]:
                 # pure=False: every task runs (two tasks with equal arguments never happen, but a
