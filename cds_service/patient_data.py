@@ -30,7 +30,6 @@ context patient); full R4B validation happens in the facts layer on the resource
 
 from __future__ import annotations
 
-import email.utils
 import http.cookiejar
 import logging
 import re
@@ -49,6 +48,7 @@ from cds_service.config import Settings
 from cds_service.deadline_http import JOIN_GRACE_SECONDS, AbortableAdapter, CallAbort
 from cds_service.logs import get_logger
 from cds_service.protocol import CdsError, HookRequest
+from cds_service.retry_after import retry_after_seconds
 from cds_service.record import PREFETCH_KEYS, REQUIRED_KEYS, PatientRecord, Resource
 
 log = get_logger("patient_data")
@@ -715,7 +715,7 @@ class PatientDataGatherer:
                 raise _FetchFailed(f"connection {type(err).__name__}") from None
             try:
                 if resp.status_code in _RETRY_STATUSES and attempt == 1:
-                    delay = _retry_after(resp.headers.get("Retry-After"))
+                    delay = retry_after_seconds(resp.headers.get("Retry-After"), _DEFAULT_RETRY_DELAY)
                     if time.monotonic() + delay >= deadline:
                         raise _FetchFailed(f"http {resp.status_code}, retry after the deadline")
                     call.release_thread()
@@ -761,15 +761,3 @@ class PatientDataGatherer:
         return b"".join(chunks)
 
 
-def _retry_after(value: str | None) -> float:
-    """Seconds to wait from a Retry-After header (delta-seconds or HTTP date)."""
-    if not value:
-        return _DEFAULT_RETRY_DELAY
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return _DEFAULT_RETRY_DELAY
-    return max(0.0, when.timestamp() - time.time())

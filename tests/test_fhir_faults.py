@@ -211,3 +211,14 @@ def test_fetches_run_concurrently(stub: StubServer) -> None:
     assert result.failed_keys == () and result.fhir_calls == len(PREFETCH_KEYS)
     # Serial fetching would take at least the sum (2.92 s); overlapping takes about the slowest.
     assert max(delays.values()) <= elapsed < sum(delays.values()) / 2
+
+
+def test_retry_after_header_forms() -> None:
+    """Delta-seconds, an HTTP date (in the past: no wait) and junk (the caller's default)."""
+    from cds_service.retry_after import retry_after_seconds
+
+    assert retry_after_seconds("3", 0.1) == 3.0
+    assert retry_after_seconds(" 0 ", 0.1) == 0.0
+    assert retry_after_seconds("Wed, 21 Oct 2015 07:28:00 GMT", 0.1) == 0.0
+    assert retry_after_seconds("soon", 0.1) == 0.1
+    assert retry_after_seconds(None, 2.5) == 2.5

@@ -19,7 +19,6 @@ the data is logged.
 
 from __future__ import annotations
 
-import email.utils
 import re
 import time
 from collections.abc import Callable
@@ -33,6 +32,7 @@ from cds_service.audit.inputs import RECORD_TYPES
 from cds_service.config import Settings
 from cds_service.logs import get_logger
 from cds_service import fhir_url
+from cds_service.retry_after import retry_after_seconds
 
 log = get_logger("bulk_export")
 
@@ -53,19 +53,6 @@ class ExportResult:
     manifest: dict[str, Any]
     errors: list[str] = field(default_factory=list)
     """Files from the manifest's `error` array (OperationOutcome NDJSON), downloaded too."""
-
-
-def _retry_after(value: str | None, default: float) -> float:
-    if not value:
-        return default
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return default
-    return max(0.0, when.timestamp() - time.time())
 
 
 def _diagnostics(resp: requests.Response) -> str:
@@ -163,7 +150,7 @@ class BulkExporter:
                 return manifest
             if resp.status_code not in (202, 429):
                 raise BulkExportError(f"export failed: {_diagnostics(resp)}")
-            wait = min(MAX_WAIT_SECONDS, _retry_after(resp.headers.get("Retry-After"), self.poll_seconds))
+            wait = min(MAX_WAIT_SECONDS, retry_after_seconds(resp.headers.get("Retry-After"), self.poll_seconds))
             if time.monotonic() + wait > deadline:
                 raise BulkExportError(f"export not complete after {self.timeout_seconds:.0f} s")
             log.info("bulk_export_pending", extra={"event": "bulk_export_pending",
