@@ -133,9 +133,19 @@ class CardBuilder:
             source=self._source,
             suggestions=suggestions,
             selectionBehavior="at-most-one" if suggestions else None,
-            overrideReasons=list(self._override_reasons[decision.kind]),
+            overrideReasons=self._offered_reasons(decision.kind, facts),
             links=list(self._links),
         )
+
+    def _offered_reasons(self, kind: str, facts: PatientFacts) -> list[protocol.OverrideReason]:
+        """The override reasons of a card kind.  With a neurological red flag, "a mechanical cause
+        explains the symptoms" is not offered: a compressive cause does not rule out B12-related
+        myelopathy (subacute combined degeneration), and that dismissal would hide the card for
+        its whole suppression period."""
+        reasons = self._override_reasons[kind]
+        if facts.neurological_red_flags:
+            return [r for r in reasons if r.code != "mechanical-cause"]
+        return list(reasons)
 
     # -- summary ------------------------------------------------------------------------------
     def risk_labels(self, facts: PatientFacts) -> list[str]:
@@ -213,7 +223,15 @@ class CardBuilder:
                 note = f" ({notes[risk.note]})" if risk.note in notes else ""
                 lines.append(f"- {safe_text(label)}: {ev}{note}")
             parts.append(f"**{h['risk_factors']}**\n\n" + "\n".join(lines))
-        neuro = _bullets(facts.neuropathic) if facts.neuropathic else c["neuropathic_none"]
+        if facts.neuropathic:
+            neuro = _bullets(facts.neuropathic)
+        elif facts.neurological_red_flags:
+            # A myelopathy, cord-compression sign or gait disturbance is itself a neurological sign
+            # B12 deficiency can cause (NICE NG239; subacute combined degeneration): "none
+            # documented" under it would contradict the red-flag section and falsely reassure.
+            neuro = c["neuropathic_see_red_flags"]
+        else:
+            neuro = c["neuropathic_none"]
         if facts.neuropathic and facts.compressive:
             neuro += f"\n\n{c['neuropathic_explained']}"
         parts.append(f"**{h['neuropathic']}**\n\n{neuro}")

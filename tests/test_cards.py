@@ -253,3 +253,29 @@ def test_red_flags_lead_the_summary(engine) -> None:
     assert card.summary.startswith("Red flags: assess urgently and check B12 alongside")
     assert "metformin" in card.summary and len(card.summary) < 140
     assert card.indicator == "warning"
+
+
+# --- clinician review: red-flag cards -----------------------------------------------------------
+
+def _myelopathy_card(engine_for_review):
+    from tests.fhir_builders import condition, metformin, neck_pain, patient, record, hook_request, NOW
+    rec = record(patient("1960-01-01"), neck_pain(onset_days=10, id="np"), metformin(id="met"),
+                 condition("202664003", id="my"), condition("83561009", id="sten"))
+    return engine_for_review.evaluate(rec, hook_request(), NOW)
+
+
+def test_myelopathy_is_not_called_no_neurological_feature_and_cannot_be_dismissed_as_mechanical() -> None:
+    """A red-flag myelopathy is itself a neurological sign B12 deficiency can cause: the card must
+    not say 'None documented' under it, nor offer 'a mechanical cause explains the symptoms' (a
+    stenosis does not rule out subacute combined degeneration; that dismissal hides the card)."""
+    from cds_service.config import Settings
+    from cds_service.engine import ClinicalEngine
+
+    engine = ClinicalEngine.load(Settings())
+    ev = _myelopathy_card(engine)
+    (card,) = ev.cards
+    assert card.indicator == "warning"
+    neuro_section = card.detail.split("**Neuropathic features**", 1)[1].split("**", 1)[0]
+    assert "None documented" not in neuro_section and "red flags above" in neuro_section
+    codes = [r.code for r in card.overrideReasons]
+    assert "mechanical-cause" not in codes and "tested-elsewhere" in codes

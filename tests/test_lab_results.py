@@ -390,7 +390,7 @@ def test_low_total_b12_in_pregnancy_never_says_treat(engine) -> None:
         assert "treat per" not in text and "replacement" not in text and "confirm deficiency and treat" not in text
     assert "treat" not in card.summary.lower()
     assert "needs confirming with active B12" in card.detail
-    assert "150 pg/mL" in card.summary and "unreliable" in card.summary
+    assert "150 pg/mL" in card.summary and "not diagnostic in pregnancy" in card.summary
     assert card.suggestions[0].actions[0].resource["code"]["coding"][0]["code"] == "72160-5"
 
 
@@ -454,7 +454,7 @@ def test_censored_low_or_indeterminate_names_its_own_bound(engine) -> None:
 
 def test_an_implausible_recent_value_is_not_called_a_usable_result(engine) -> None:
     detail = run(engine, lab(B12_CODE, 20, quantity=qty(5, "pg/mL", "pg/mL"))).cards[0].detail
-    assert "No usable B12 result in the last 56 days" in detail
+    assert "No B12 result from the last 56 days that can be interpreted" in detail
 
 
 MYELOPATHY = {"resourceType": "Condition", "id": "rf1", "subject": {"reference": "Patient/p1"},
@@ -466,7 +466,7 @@ MYELOPATHY = {"resourceType": "Condition", "id": "rf1", "subject": {"reference":
 
 def test_red_flags_lead_the_pregnancy_low_total_summary_without_treat(engine) -> None:
     card = run(engine, pregnancy_condition(), MYELOPATHY, lab(B12_CODE, 30, string="<150 pg/mL")).cards[0]
-    assert card.summary.startswith("Red flags, assess urgently; pregnant, low total B12 <150 pg/mL")
+    assert card.summary.startswith("Red flags: assess urgently; pregnant, low total B12 <150 pg/mL")
     assert "treat" not in card.summary.lower() and len(card.summary) < 140
 
 
