@@ -32,13 +32,19 @@ _current = threading.local()
 
 
 class CallAbort:
-    """The in-flight connections of one hook call's fetch threads, and the switch that cuts them."""
+    """The in-flight connections of one hook call's fetch threads, and the switch that cuts them.
+
+    Each registration keeps the *socket* the connection had when this thread used it, not only
+    the connection object: urllib3 returns a failed connection to the pool itself, where another
+    hook call may reconnect the same object to a new socket.  Acting on `conn.sock` later would
+    then cut (or close) the other call's socket and miss ours; acting on the socket we recorded
+    touches only what this call started."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._aborted = False
         self._abort_event = threading.Event()
-        self._conns: dict[int, set[HTTPConnection]] = {}
+        self._conns: dict[int, dict[int, tuple[HTTPConnection, socket.socket | None]]] = {}
 
     @property
     def aborted(self) -> bool:
@@ -58,24 +64,30 @@ class CallAbort:
         with self._lock:
             if self._aborted:
                 raise ConnectionAbortedError("hook call deadline")
-            self._conns.setdefault(threading.get_ident(), set()).add(conn)
+            mine = self._conns.setdefault(threading.get_ident(), {})
+            known = mine.get(id(conn))
+            if known is None or conn.sock is not None:
+                mine[id(conn)] = (conn, conn.sock)
 
     def connected(self, conn: HTTPConnection) -> None:
-        """Called after a (TLS) connect: an abort that raced with it still takes effect."""
+        """Called after a (TLS) connect: records the new socket; an abort that raced with the
+        connect still takes effect."""
         with self._lock:
+            self._conns.setdefault(threading.get_ident(), {})[id(conn)] = (conn, conn.sock)
             if self._aborted:
-                _shutdown(conn)
+                _shutdown(conn.sock)
                 raise ConnectionAbortedError("hook call deadline")
 
     def release_thread(self) -> None:
         """The calling thread's request is over: its connection may return to the pool (closed
         first when the call was aborted, so a shut-down socket is never reused)."""
         with self._lock:
-            conns = self._conns.pop(threading.get_ident(), set())
+            entries = self._conns.pop(threading.get_ident(), {})
             aborted = self._aborted
         if aborted:
-            for conn in conns:
-                conn.close()
+            for conn, sock in entries.values():
+                if sock is not None and conn.sock is sock:  # still ours: not reconnected by another call
+                    conn.close()
 
     def sleep(self, seconds: float) -> bool:
         """Wait `seconds` (a retry delay); True when the call was aborted meanwhile."""
@@ -86,13 +98,12 @@ class CallAbort:
         with self._lock:
             self._aborted = True
             self._abort_event.set()
-            for conns in self._conns.values():
-                for conn in conns:
-                    _shutdown(conn)
+            for entries in self._conns.values():
+                for _conn, sock in entries.values():
+                    _shutdown(sock)
 
 
-def _shutdown(conn: HTTPConnection) -> None:
-    sock = conn.sock
+def _shutdown(sock: socket.socket | None) -> None:
     if sock is None:
         return
     try:

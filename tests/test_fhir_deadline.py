@@ -209,3 +209,32 @@ def test_dripping_tls_server_is_cut_off_too(tmp_path) -> None:
         assert drip.accepted >= 5 * 9
         assert settle(lambda: client_connections(drip.port) == 0), client_connections(drip.port)
         assert settle(lambda: drip.open_connections == 0), drip.open_connections
+
+
+def test_concurrent_hook_calls_reusing_pooled_connections_leave_nothing_behind() -> None:
+    """Hook calls in several app threads share the connection pool: a connection one call
+    gave up on is reconnected by the next.  Each call must cut only the sockets it started
+    (before, a later call's socket was missed and its fetch thread read the drip for ever)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cds_service.config import Settings
+    from cds_service.patient_data import PatientDataGatherer
+    from cds_service.protocol import CdsError
+    from tests.test_patient_data import TEMPLATES, request
+
+    with DripServer("body") as drip:
+        gatherer = PatientDataGatherer(Settings.from_env(
+            {"fhir_allowlist": drip.base, "fhir_deadline": DEADLINE, "fhir_read_timeout": DEADLINE}, environ={}))
+
+        def call(_: int) -> int:
+            try:
+                gatherer.gather(request(fhir_server=drip.base + "/fhir", token="t"), TEMPLATES)
+            except CdsError as err:
+                return err.status
+            return 200
+
+        with ThreadPoolExecutor(4) as pool:  # 12 calls on 4 threads: later calls reuse the pool
+            assert set(pool.map(call, range(12))) == {412}
+        assert drip.accepted >= 12 * len(TEMPLATES) - 12
+        assert settle(lambda: fetch_threads() == []), fetch_threads()
+        assert settle(lambda: drip.open_connections == 0), drip.open_connections
