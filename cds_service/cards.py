@@ -2,7 +2,14 @@
 
 All wording lives in `cards/*.json` (common.json + one file per card kind) so clinicians can
 review it without reading code; this module only fills placeholders and orders the sections.
-Cards are built only through the `protocol` models, so they are spec-conformant by construction.
+
+Speed: a card is assembled as the plain JSON the service answers (`RenderedCard.json`), not through
+the pydantic models of `protocol` (their validation cost more than the rest of the card).  The
+models stay the spec's judge: every part all cards of a kind share (source, links, override
+reasons, the suggestion's fixed texts) is checked against `protocol.Card` once, when the builder
+is made, so a broken card file fails the deployment; what varies per request (summary, detail,
+indicator) is checked by `_check_card` with the model's own rules; and the tests validate cards of
+every kind and decision against `protocol.Card` (`RenderedCard.model()`).
 
 Safety of text: anything that came from the patient record (codings' display, `code.text`,
 medication text) goes through `safe_text()`: HTML is stripped by nh3 and markdown control
@@ -15,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import uuid
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import nh3
+import orjson
 
 from cds_service import protocol
 from cds_service.config import Settings
@@ -51,9 +60,31 @@ _WWW = re.compile(r"(?i)\bwww\.")
 _CLEANER = nh3.Cleaner(tags=set())  # built once: nh3.clean() rebuilds its sanitizer per call
 
 
+_SAFE_TEXT_CACHE: dict[str, str] = {}
+_SAFE_TEXT_CACHE_LIMIT = 8192
+"""Entries kept (then the memory starts over, like knowledge.py's caches): a chart's displays
+repeat from call to call (the same drugs, problems and tests), and sanitising is most of a
+card's text work.  Only record text up to `_SAFE_TEXT_CACHED_LENGTH` characters is kept, so the
+memory stays a few MiB whatever the input."""
+_SAFE_TEXT_CACHED_LENGTH = 512
+
+
 def safe_text(value: Any, limit: int = MAX_RECORD_TEXT) -> str:
     """Record text made inert for markdown: one line, HTML removed, markup escaped, autolinks
     defanged ("https://x" -> "https\\[:\\]//x"), at most `limit` characters."""
+    if type(value) is str and limit == MAX_RECORD_TEXT and len(value) <= _SAFE_TEXT_CACHED_LENGTH:
+        text = _SAFE_TEXT_CACHE.get(value)
+        if text is None:
+            text = _sanitise(value, limit)
+            if len(_SAFE_TEXT_CACHE) >= _SAFE_TEXT_CACHE_LIMIT:
+                _SAFE_TEXT_CACHE.clear()
+            _SAFE_TEXT_CACHE[value] = text
+        return text
+    return _sanitise(value, limit)
+
+
+def _sanitise(value: Any, limit: int) -> str:
+    """`safe_text` without the memory."""
     text = " ".join(str(value).split())
     if len(text) > limit:
         text = text[: limit - 1] + "…"
@@ -95,8 +126,59 @@ class CardTexts:
                     raise ValueError(f"cards/{kind}.json: unknown override reason {code!r}")
 
 
+@dataclass(frozen=True, slots=True)
+class RenderedCard:
+    """One card as the service answers it: `json` is the CDS Hooks card object, in the member
+    order of `protocol.Card`, with optional members left out.  Read-only: its source, links and
+    override reasons are shared with every card of the same builder."""
+
+    json: dict[str, Any]
+    suggestion_uuids: tuple[str, ...] = ()
+
+    @property
+    def uuid(self) -> str:
+        return self.json["uuid"]
+
+    @property
+    def summary(self) -> str:
+        return self.json["summary"]
+
+    @property
+    def detail(self) -> str:
+        return self.json["detail"]
+
+    @property
+    def indicator(self) -> str:
+        return self.json["indicator"]
+
+    def to_json(self) -> dict[str, Any]:
+        """The card's JSON (the object itself, not a copy: do not change it)."""
+        return self.json
+
+    def model(self) -> protocol.Card:
+        """The card as the protocol model, which checks it against the spec (tests and tools:
+        it costs more than building the card)."""
+        return protocol.Card.model_validate(self.json)
+
+
+@dataclass(frozen=True, slots=True)
+class _SuggestionTexts:
+    """What every suggestion of one test shares: the code ordered and the fixed texts."""
+
+    loinc: str
+    display: str
+    code_text: str
+    label: str
+    action: str
+
+
+_NO_SUGGESTION = object()
+"""Memo of "this test cannot be suggested" (e.g. no verified active-B12 code)."""
+
+
 class CardBuilder:
-    """Builds the card for one decision (stateless apart from the loaded texts)."""
+    """Builds the card for one decision (stateless apart from the loaded texts and memos of
+    what depends only on them and the settings)."""
 
     def __init__(self, texts: CardTexts, knowledge: Knowledge, settings: Settings,
                  verdicts: ValidationVerdicts | None = None) -> None:
@@ -104,55 +186,96 @@ class CardBuilder:
         self.knowledge = knowledge
         self.settings = settings
         self.verdicts = verdicts
-        # The parts every card of a kind shares are built (and checked by the card model) once,
-        # at start-up: a broken card file fails the deployment, not a clinician's request.
+        # The parts every card of a kind shares are built through the card model once, at
+        # start-up, and kept as JSON: a broken card file fails the deployment, not a request.
         common = texts.common
-        self._source = protocol.Source(label=common["source"]["label"], url=common["source"]["url"],
-                                       topic=protocol.Coding(**common["source"]["topic"]))
-        self._links = [protocol.Link(**link) for link in common["links"]]
-        self._override_reasons = {
+        source = protocol.Source(label=common["source"]["label"], url=common["source"]["url"],
+                                 topic=protocol.Coding(**common["source"]["topic"]))
+        self._source: dict[str, Any] = source.to_json()
+        self._links: list[dict[str, Any]] = [protocol.Link(**link).to_json() for link in common["links"]]
+        self._override_reasons: dict[str, list[dict[str, Any]]] = {
             kind: [protocol.OverrideReason(system=common["override_reason_system"], code=code,
-                                           display=common["override_reasons"][code])
+                                           display=common["override_reasons"][code]).to_json()
                    for code in spec["override_reasons"]]
             for kind, spec in texts.kinds.items()}
+        # With a neurological red flag "a mechanical cause explains the symptoms" is not offered:
+        # a compressive cause does not rule out B12-related myelopathy (subacute combined
+        # degeneration), and that dismissal would hide the card for its whole suppression period.
+        self._override_reasons_red_flags = {
+            kind: [r for r in reasons if r["code"] != "mechanical-cause"]
+            for kind, reasons in self._override_reasons.items()}
+        self._suggestion_texts: dict[str, Any] = {}
+        self._advice: dict[str, str] = {}
+        self._check_shared_parts()
 
     # -- public -------------------------------------------------------------------------------
-    def build(self, decision: Decision, facts: PatientFacts, context: Any) -> protocol.Card | None:
+    def build(self, decision: Decision, facts: PatientFacts, context: Any) -> RenderedCard | None:
         """The card for `decision` (None when the decision is "no card")."""
         if decision.kind is None:
             return None
         spec = self.texts.kinds[decision.kind]
-        suggestions = None
+        labels = self.risk_labels(facts)
+        suggestion = None
         if decision.kind in ("b12-test", "mma-test"):
             suggestion = self._suggestion(decision, spec, facts, context)
-            suggestions = [suggestion] if suggestion else None
-        return protocol.Card(
-            summary=self._summary(decision, spec, facts),
-            detail=self._detail(decision, spec, facts),
+        card = self._assemble(
+            summary=self._summary(decision, spec, facts, labels),
+            detail=self._detail(decision, spec, facts, labels),
             indicator=decision.indicator or "info",
-            source=self._source,
-            suggestions=suggestions,
-            selectionBehavior="at-most-one" if suggestions else None,
-            overrideReasons=self._offered_reasons(decision.kind, facts),
-            links=list(self._links),
-        )
+            suggestion=suggestion,
+            reasons=self._offered_reasons(decision.kind, facts))
+        return RenderedCard(card, (suggestion["uuid"],) if suggestion else ())
 
-    def _offered_reasons(self, kind: str, facts: PatientFacts) -> list[protocol.OverrideReason]:
-        """The override reasons of a card kind.  With a neurological red flag, "a mechanical cause
-        explains the symptoms" is not offered: a compressive cause does not rule out B12-related
-        myelopathy (subacute combined degeneration), and that dismissal would hide the card for
-        its whole suppression period."""
-        reasons = self._override_reasons[kind]
+    def _assemble(self, *, summary: str, detail: str, indicator: str, suggestion: dict[str, Any] | None,
+                  reasons: list[dict[str, Any]]) -> dict[str, Any]:
+        """The card's JSON, members in `protocol.Card` order (what its model_dump gives)."""
+        _check_card(summary, detail, indicator)
+        card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": summary, "detail": detail,
+                                "indicator": indicator, "source": self._source}
+        if suggestion is not None:
+            card["suggestions"] = [suggestion]
+            card["selectionBehavior"] = "at-most-one"
+        card["overrideReasons"] = list(reasons)
+        card["links"] = list(self._links)
+        return card
+
+    def _offered_reasons(self, kind: str, facts: PatientFacts) -> list[dict[str, Any]]:
+        """The override reasons of a card kind (without "mechanical-cause" after a neurological
+        red flag, see __init__)."""
         if facts.neurological_red_flags:
-            return [r for r in reasons if r.code != "mechanical-cause"]
-        return list(reasons)
+            return self._override_reasons_red_flags[kind]
+        return self._override_reasons[kind]
+
+    def _check_shared_parts(self) -> None:
+        """Every combination of shared parts, assembled as on the hot path, must validate as a
+        `protocol.Card` and serialise to exactly the model's JSON (start-up, not per request)."""
+        resource = {"resourceType": "ServiceRequest", "status": "draft", "intent": "order",
+                    "code": {"text": "check"}, "subject": {"reference": "Patient/check"}}
+        for kind, spec in self.texts.kinds.items():
+            tests = [None]
+            if kind == "mma-test":
+                tests.append("mma")
+            elif kind == "b12-test":
+                tests += ["b12"] + (["active-b12"] if "suggestion_active" in spec else [])
+            for test in tests:
+                texts = self._texts_for(test, spec) if test else None
+                suggestion = None
+                if isinstance(texts, _SuggestionTexts):
+                    suggestion = self._suggestion_json(texts, True, dict(resource))
+                for reasons in (self._override_reasons[kind], self._override_reasons_red_flags[kind]):
+                    card = self._assemble(summary="check", detail="check", indicator="info",
+                                          suggestion=suggestion, reasons=reasons)
+                    model = protocol.Card.model_validate(card)
+                    if orjson.dumps(model.to_json()) != orjson.dumps(card):
+                        raise ValueError(f"cards/{kind}.json: the card differs from the protocol model")
 
     # -- summary ------------------------------------------------------------------------------
     def risk_labels(self, facts: PatientFacts) -> list[str]:
         labels = self.texts.common["risk_factor_labels"]
         return [labels[r.key].format(age=facts.age_years) for r in facts.risk_factors]
 
-    def _summary(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
+    def _summary(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
+                 labels: list[str]) -> str:
         r = decision.b12_result
         if decision.kind == "low-b12":
             variant = "red_flags" if facts.red_flags and "red_flags" in spec["summary"] else "result"
@@ -176,7 +299,6 @@ class CardBuilder:
         else:
             variant = "neuropathic" if decision.recommended else "chronic"
         template = summaries[variant]
-        labels = self.risk_labels(facts)
         # Name as many top risk factors as fit; the rest become "+N more".
         # The result behind an MMA card is named with its value as reported ("indeterminate B12
         # 245 pg/mL"); "active B12" is said in full so a pmol/L value is never read as total B12.
@@ -190,7 +312,8 @@ class CardBuilder:
         return template.format(risks=f"{len(labels)}", **fields)[:MAX_SUMMARY]
 
     # -- detail -------------------------------------------------------------------------------
-    def _detail(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
+    def _detail(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
+                labels: list[str]) -> str:
         c = self.texts.common
         h = c["headings"]
         s = self.settings
@@ -215,7 +338,6 @@ class CardBuilder:
         else:
             parts.append(f"**{mechanical_heading}**\n\n{c['mechanical_reminder' + after]}")
         if facts.risk_factors:
-            labels = self.risk_labels(facts)
             lines = []
             notes = c.get("risk_factor_notes", {})
             for label, risk in zip(labels, facts.risk_factors):
@@ -248,16 +370,26 @@ class CardBuilder:
                 advice = advice["suspected"]
             else:
                 advice = advice["with_neuropathic" if decision.recommended else "without_neuropathic"]
-        parts.append(advice.format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l),
-                                   active_low=_num(s.active_b12_low_below_pmol_l),
-                                   active_high=_num(s.active_b12_normal_above_pmol_l),
-                                   recent_days=s.recent_test_days))
+        parts.append(self._filled_advice(advice))
         if facts.unavailable:
             wording = c["unavailable_data"]
             missing = [wording.get(k, safe_text(k)) for k in sorted(facts.unavailable)]
             parts.append(f"**{h['unavailable']}**\n\n{c['unavailable_intro']} " + ", ".join(missing) + ".")
         parts.append(f"_{c['evidence_note']}_")
         return "\n\n".join(parts)
+
+    def _filled_advice(self, template: str) -> str:
+        """An advice text with the settings' cut-offs filled in (memoised: it depends only on
+        the card file and the settings)."""
+        text = self._advice.get(template)
+        if text is None:
+            s = self.settings
+            text = template.format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l),
+                                   active_low=_num(s.active_b12_low_below_pmol_l),
+                                   active_high=_num(s.active_b12_normal_above_pmol_l),
+                                   recent_days=s.recent_test_days)
+            self._advice[template] = text
+        return text
 
     def _pain_timing(self, facts: PatientFacts) -> str:
         """Acute or chronic, as the rules saw it (shown with red flags, which apply either way)."""
@@ -329,28 +461,56 @@ class CardBuilder:
 
     # -- suggestion ---------------------------------------------------------------------------
     def _suggestion(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
-                    context: Any) -> protocol.Suggestion | None:
-        kind = decision.kind
+                    context: Any) -> dict[str, Any] | None:
+        if decision.kind == "mma-test":
+            test = "mma"
+        elif decision.suggest == "active-b12":  # pregnancy: active B12 is the test (NICE NG239)
+            test = "active-b12"
+        else:
+            test = "b12"
+        texts = self._texts_for(test, spec)
+        if not isinstance(texts, _SuggestionTexts):
+            return None
+        resource = build_service_request(
+            loinc=texts.loinc, display=texts.display, text=texts.code_text, facts=facts, context=context,
+            intent=self.settings.order_intent, verdicts=self.verdicts)
+        if resource is None:
+            return None
+        return self._suggestion_json(texts, decision.recommended, resource)
+
+    def _texts_for(self, test: str, spec: dict[str, Any]) -> _SuggestionTexts | object:
+        """The fixed parts of the suggestion of `test` ("b12", "active-b12", "mma") on a card of
+        `spec`'s kind, or _NO_SUGGESTION (memoised: they depend only on the files and settings)."""
+        key = f"{spec['kind']}/{test}"
+        found = self._suggestion_texts.get(key)
+        if found is not None:
+            return found
         texts = spec["suggestion"]
-        if kind == "mma-test":
+        if test == "mma":
             loinc, vs = MMA_LOINC, "mma-lab"
-        elif decision.suggest == "active-b12":
+        elif test == "active-b12":
             # The verified holotranscobalamin code (valuesets/active-b12-lab.json).
             codes = self.knowledge.valueset_codes(ACTIVE_B12_VALUESET)
             if not codes:
-                return None
+                self._suggestion_texts[key] = _NO_SUGGESTION
+                return _NO_SUGGESTION
             loinc, vs, texts = codes[0][1], ACTIVE_B12_VALUESET, spec["suggestion_active"]
         else:
             loinc, vs = self.settings.b12_order_loinc, "b12-lab"
-        resource = build_service_request(
-            loinc=loinc, display=self.knowledge.display(vs, LOINC, loinc) or texts["code_text"],
-            text=texts["code_text"], facts=facts, context=context, intent=self.settings.order_intent,
-            verdicts=self.verdicts)
-        if resource is None:
-            return None
-        return protocol.Suggestion(
-            label=texts["label"], isRecommended=decision.recommended,
-            actions=[protocol.Action(type="create", description=texts["action"], resource=resource)])
+        found = _SuggestionTexts(loinc=loinc, display=self.knowledge.display(vs, LOINC, loinc) or texts["code_text"],
+                                 code_text=texts["code_text"], label=texts["label"], action=texts["action"])
+        self._suggestion_texts[key] = found
+        return found
+
+    @staticmethod
+    def _suggestion_json(texts: _SuggestionTexts, recommended: bool | None,
+                         resource: dict[str, Any]) -> dict[str, Any]:
+        """A suggestion's JSON, members in `protocol.Suggestion` order, with a fresh uuid."""
+        suggestion: dict[str, Any] = {"label": texts.label, "uuid": str(uuid.uuid4())}
+        if recommended is not None:
+            suggestion["isRecommended"] = recommended
+        suggestion["actions"] = [{"type": "create", "description": texts.action, "resource": resource}]
+        return suggestion
 
 
 def build_service_request(*, loinc: str, display: str, text: str, facts: PatientFacts, context: Any,
@@ -385,6 +545,18 @@ def build_service_request(*, loinc: str, display: str, text: str, facts: Patient
 
 
 # --- formatting helpers -----------------------------------------------------------------------
+
+INDICATORS = frozenset({"info", "warning", "critical"})
+
+
+def _check_card(summary: str, detail: str, indicator: str) -> None:
+    """The rules of `protocol.Card` for the members that vary per request (the shared ones are
+    checked against the model at start-up): no blank text, a summary of at most 139 characters,
+    a known indicator.  A card that breaks them is an error, never an answer."""
+    if not summary.strip() or len(summary) > MAX_SUMMARY or not detail.strip() or indicator not in INDICATORS:
+        raise ValueError(f"card breaks the CDS Hooks card rules (summary {len(summary)} characters, "
+                         f"indicator {indicator!r})")
+
 
 def _num(value: float | None) -> str:
     if value is None:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING
 
 from cds_service import protocol
-from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts
+from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts, RenderedCard
 from cds_service.config import Settings
 from cds_service.facts import PatientFacts, derive_facts
 from cds_service.fhir_validation import ValidationVerdicts
@@ -37,7 +37,8 @@ PolicyStep = Callable[[Decision, PatientFacts, datetime], "PolicyOutcome | None"
 @dataclass(frozen=True)
 class Evaluation:
     decision: Decision
-    cards: list[protocol.Card]
+    cards: list[RenderedCard]
+    """The cards to answer (`cards_response`); `RenderedCard.model()` gives the protocol model."""
     card_kinds: dict[str, str]
     """Card uuid -> card kind ("low-b12", "mma-test", "b12-test")."""
     skipped_resources: int

@@ -1,9 +1,10 @@
 """CDS Hooks 2.0 wire protocol: request checks, the card model, OperationOutcome errors.
 
-Every rule of the spec about the *shape* of requests and responses lives here, so no other
-module can emit a non-conformant card: cards are built only through `Card`, whose validators
-reject nulls, empty strings/arrays/objects, over-long summaries, unknown indicators, a
+Every rule of the spec about the *shape* of requests and responses lives here.  `Card`'s
+validators reject nulls, empty strings/arrays/objects, over-long summaries, unknown indicators, a
 `suggestions` list without `selectionBehavior`, and override reasons that are not full Codings.
+The hot path (cards.CardBuilder) assembles card JSON directly; `Card` judges it: at start-up over
+the parts every card shares, and in the tests over every card kind and decision.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from __future__ import annotations
 import re
 import uuid as uuid_mod
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -372,5 +374,12 @@ class Card(_Strict):
         return self
 
 
-def cards_response(cards: list[Card]) -> dict[str, Any]:
+class CardJson(Protocol):
+    """Anything that gives a card's JSON: a `Card`, or the hot path's `cards.RenderedCard`."""
+
+    def to_json(self) -> dict[str, Any]: ...
+
+
+def cards_response(cards: Sequence[CardJson]) -> dict[str, Any]:
+    """The hook's answer: `{"cards": [...]}`."""
     return {"cards": [c.to_json() for c in cards]}

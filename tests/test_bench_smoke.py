@@ -59,3 +59,12 @@ def test_policy_harness_times_the_read_and_the_hook() -> None:
     assert (row.stored_rows, row.reads, row.hook_calls) == (20, 10, 10)
     for value in (row.read_p50_us, row.hook_p50_ms, row.without_read_p50_ms, row.share_p50):
         assert math.isfinite(value) and value >= 0
+
+
+def test_card_building_harness_compares_the_same_cards() -> None:
+    from bench.cards import measure
+
+    rows = measure(calls=3)  # raises unless both builders answer the same bytes for every card
+    kinds = " ".join(name for name, _, _ in rows)
+    assert all(k in kinds for k in ("b12-test", "low-b12", "mma-test", "pregnancy"))
+    assert all(math.isfinite(t_old) and math.isfinite(t_new) and t_new > 0 for _, t_old, t_new in rows)

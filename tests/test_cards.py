@@ -37,7 +37,7 @@ def only_card(ev: Evaluation):
 
 
 def service_request_of(card) -> dict:
-    (suggestion,) = card.suggestions
+    (suggestion,) = card.model().suggestions
     (action,) = suggestion.actions
     assert action.type == "create"
     return action.resource
@@ -52,7 +52,7 @@ def test_b12_card_summary_names_situation_and_top_risk_factors(engine) -> None:
     assert card.summary == ("Chronic neck pain with B12 risk factors (metformin, vegan/vegetarian diet): "
                             "ask about neurological symptoms; B12 test if present")
     assert card.indicator == "info"
-    assert card.suggestions[0].isRecommended is False
+    assert card.model().suggestions[0].isRecommended is False
 
 
 def test_summary_stays_under_140_chars_with_many_risk_factors(engine) -> None:
@@ -70,7 +70,7 @@ def test_low_card_summary_has_value_and_date_and_no_suggestion(engine) -> None:
     # the laboratory's unit first, the ng/L equivalent in brackets (summary and detail)
     assert "120 pmol/L (163 ng/L) on " + days_before(30).isoformat() in card.summary
     assert card.indicator == "warning"
-    assert card.suggestions is None and card.selectionBehavior is None
+    assert card.model().suggestions is None and card.model().selectionBehavior is None
     assert "B12 120 pmol/L (163 ng/L) on" in card.detail
 
 
@@ -182,7 +182,7 @@ def test_service_request_is_valid_and_complete(engine) -> None:
     assert sr["reasonReference"] == [{"reference": "Condition/np-1"}, {"reference": "Condition/np-2"}]
     assert sr["encounter"] == {"reference": "Encounter/enc-7"}
     assert sr["requester"] == {"reference": "PractitionerRole/role-3"}
-    assert card.selectionBehavior == "at-most-one" and card.suggestions[0].isRecommended
+    assert card.model().selectionBehavior == "at-most-one" and card.model().suggestions[0].isRecommended
 
 
 def test_no_encounter_and_no_requester_for_a_patient_user(engine) -> None:
@@ -207,7 +207,7 @@ def test_an_invalid_suggestion_is_dropped_not_the_card(engine, monkeypatch) -> N
     from cds_service import cards as cards_mod
     monkeypatch.setattr(cards_mod, "REQUEST_INTENTS", frozenset())
     card = only_card(run(engine, neck_pain(), metformin()))
-    assert card.suggestions is None and card.selectionBehavior is None
+    assert card.model().suggestions is None and card.model().selectionBehavior is None
 
 
 def test_order_loinc_outside_the_b12_valueset_fails_at_load() -> None:
@@ -235,7 +235,7 @@ def test_source_links_override_reasons_and_uuids(engine) -> None:
 def test_each_evaluation_gets_fresh_uuids(engine) -> None:
     a = only_card(run(engine, neck_pain(), metformin()))
     b = only_card(run(engine, neck_pain(), metformin()))
-    assert a.uuid != b.uuid and a.suggestions[0].uuid != b.suggestions[0].uuid
+    assert a.uuid != b.uuid and a.model().suggestions[0].uuid != b.model().suggestions[0].uuid
 
 
 def test_card_texts_cover_every_prefetch_key_and_kind() -> None:
@@ -277,5 +277,5 @@ def test_myelopathy_is_not_called_no_neurological_feature_and_cannot_be_dismisse
     assert card.indicator == "warning"
     neuro_section = card.detail.split("**Neuropathic features**", 1)[1].split("**", 1)[0]
     assert "None documented" not in neuro_section and "red flags above" in neuro_section
-    codes = [r.code for r in card.overrideReasons]
+    codes = [r.code for r in card.model().overrideReasons]
     assert "mechanical-cause" not in codes and "tested-elsewhere" in codes

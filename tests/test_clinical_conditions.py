@@ -106,7 +106,7 @@ def test_myelopathy_with_acute_pain_and_a_compressive_cause_still_gets_a_warning
     assert "Cervical myelopathy" in first and "alongside" in first
     assert "Neck pain: acute" in first and "Compressive cause documented: C5-6 canal stenosis" in first
     assert "before any routine test" not in card.detail and "before ordering" not in card.detail
-    assert card.suggestions[0].isRecommended is True
+    assert card.model().suggestions[0].isRecommended is True
 
 
 def test_myelopathy_without_a_compressive_cause_says_so(engine) -> None:
@@ -178,7 +178,7 @@ def test_a_suspected_deficiency_is_a_reason_to_test_not_to_stay_silent(engine, s
     assert (outcome(ev), ev.decision.reason, ev.decision.indicator) == ("b12-test", SUSPECTED_DEFICIENCY, "warning")
     card = ev.cards[0]
     assert "suspected but not confirmed" in card.summary
-    assert "B12 deficiency suspected, not confirmed" in card.detail and card.suggestions[0].isRecommended
+    assert "B12 deficiency suspected, not confirmed" in card.detail and card.model().suggestions[0].isRecommended
 
 
 @pytest.mark.parametrize("verification", ["confirmed", None])
@@ -525,28 +525,28 @@ def test_without_a_listed_symptom_the_card_asks_and_does_not_preselect(engine) -
     ev = run(engine, neck_pain(onset_days=200), metformin())
     card = ev.cards[0]
     assert ev.decision.reason == RISK_AND_SYMPTOMS and ev.decision.recommended is False
-    assert card.suggestions[0].isRecommended is False
+    assert card.model().suggestions[0].isRecommended is False
     assert "ask about neurological symptoms" in card.summary
     assert "not pre-selected" in card.detail
 
 
 def test_with_a_listed_symptom_the_order_is_recommended(engine) -> None:
     card = run(engine, neck_pain(onset_days=200), metformin(), cond(PARAESTHESIA)).cards[0]
-    assert card.suggestions[0].isRecommended is True
+    assert card.model().suggestions[0].isRecommended is True
     assert "not pre-selected" not in card.detail
 
 
 def test_explained_features_alone_do_not_preselect_the_order(engine) -> None:
     ev = run(engine, neck_pain(onset_days=200), metformin(), cond(RADICULOPATHY), cond(PARAESTHESIA))
-    assert outcome(ev) == "b12-test" and ev.cards[0].suggestions[0].isRecommended is False
+    assert outcome(ev) == "b12-test" and ev.cards[0].model().suggestions[0].isRecommended is False
 
 
 def test_mma_card_without_symptoms_is_not_preselected(engine) -> None:
     from tests.fhir_builders import b12_result
     ev = run(engine, neck_pain(onset_days=200), metformin(), b12_result(250, on=days_before(120)))
-    assert outcome(ev) == "mma-test" and ev.cards[0].suggestions[0].isRecommended is False
+    assert outcome(ev) == "mma-test" and ev.cards[0].model().suggestions[0].isRecommended is False
     ev = run(engine, neck_pain(onset_days=200), metformin(), cond(POLYNEUROPATHY), b12_result(250, on=days_before(120)))
-    assert outcome(ev) == "mma-test" and ev.cards[0].suggestions[0].isRecommended is True
+    assert outcome(ev) == "mma-test" and ev.cards[0].model().suggestions[0].isRecommended is True
 
 
 def test_red_flag_wording_is_consistent_everywhere() -> None:

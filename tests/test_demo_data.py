@@ -63,7 +63,7 @@ def test_each_demo_patient_gives_its_expected_outcome(entry: dict, today: date) 
         assert entry["shows"] in ev.cards[0].summary
     if ev.decision.kind:
         sr_patient = f"Patient/{entry['patientId']}"
-        for s in ev.cards[0].suggestions or ():
+        for s in ev.cards[0].model().suggestions or ():
             assert s.actions[0].resource["subject"]["reference"] == sr_patient
 
 

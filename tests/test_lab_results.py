@@ -370,7 +370,7 @@ def test_pregnancy_suggests_active_b12_and_says_why(engine) -> None:
     ev = run(engine, pregnancy_condition())
     card = ev.cards[0]
     assert ev.decision.suggest == "active-b12"
-    order = card.suggestions[0].actions[0].resource
+    order = card.model().suggestions[0].actions[0].resource
     assert order["code"]["coding"][0]["code"] == "72160-5"
     assert "active B12" in card.summary and "Pregnant" in card.summary
     assert "unreliable" in card.detail and "holotranscobalamin" in card.detail
@@ -391,7 +391,7 @@ def test_low_total_b12_in_pregnancy_never_says_treat(engine) -> None:
     assert "treat" not in card.summary.lower()
     assert "needs confirming with active B12" in card.detail
     assert "150 pg/mL" in card.summary and "not diagnostic in pregnancy" in card.summary
-    assert card.suggestions[0].actions[0].resource["code"]["coding"][0]["code"] == "72160-5"
+    assert card.model().suggestions[0].actions[0].resource["code"]["coding"][0]["code"] == "72160-5"
 
 
 def test_low_total_b12_in_pregnancy_needs_no_risk_factor(engine) -> None:

@@ -161,7 +161,7 @@ def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evalu
     situation = verdict.situation.to_json() if verdict is not None else None
     issued = [
         IssuedCard(card_uuid=card.uuid, kind=evaluation.card_kinds.get(card.uuid, "unknown"),
-                   suggestion_uuids=tuple(sg.uuid for sg in card.suggestions or ()),
+                   suggestion_uuids=card.suggestion_uuids,
                    situation=situation)
         for card in evaluation.cards
     ]

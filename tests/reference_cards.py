@@ -1,0 +1,432 @@
+"""The oracle of tests/test_card_json.py: cds_service/cards.py as it was when every card was built
+through the pydantic models of `protocol` (commit 1764c02), kept verbatim below this paragraph.
+The hot path now assembles card JSON directly; the tests check it answers exactly what this
+module answers.  A deliberate change of card wording or logic in cards.py must be made here too.
+
+Original docstring: Cards: turn a `Decision` plus the `PatientFacts` into a CDS Hooks card.
+
+All wording lives in `cards/*.json` (common.json + one file per card kind) so clinicians can
+review it without reading code; this module only fills placeholders and orders the sections.
+Cards are built only through the `protocol` models, so they are spec-conformant by construction.
+
+Safety of text: anything that came from the patient record (codings' display, `code.text`,
+medication text) goes through `safe_text()`: HTML is stripped by nh3 and markdown control
+characters are escaped, so a display like "[click](https://evil)" or "<img onerror=...>" is shown
+as plain text and cannot become a link or markup.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from datetime import date
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import nh3
+
+from cds_service import protocol
+from cds_service.config import Settings
+from cds_service.facts import Evidence, LabResult, PatientFacts
+from cds_service.fhir_validation import ValidationVerdicts, is_valid_r4b
+from cds_service.knowledge import LOINC, Knowledge
+from cds_service.lab_values import format_number, normalize_unit
+from cds_service.rules import Decision, band_b12, cut_offs
+
+log = logging.getLogger(__name__)
+
+CARD_KINDS: tuple[str, ...] = ("low-b12", "mma-test", "b12-test")
+MMA_LOINC = "13964-2"
+ACTIVE_B12_VALUESET = "active-b12-lab"
+ANALYTE_NAMES = {"b12": "B12", "active-b12": "Active B12", "mma": "MMA"}
+MAX_SUMMARY = 139
+MAX_RECORD_TEXT = 120
+MAX_LIST_ITEMS = 5
+REQUEST_INTENTS = frozenset({"proposal", "plan", "directive", "order", "original-order", "reflex-order",
+                             "filler-order", "instance-order", "option"})
+"""FHIR R4 ServiceRequest.intent codes (required binding; fhir.resources does not check it)."""
+
+# Markdown control characters (CommonMark backslash-escapable punctuation that can start markup).
+_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()<>#+!|~])")
+_URL_SCHEME = re.compile(r"(?i)\b([a-z][a-z0-9+.-]{1,15}):(?=//)")
+_WWW = re.compile(r"(?i)\bwww\.")
+_CLEANER = nh3.Cleaner(tags=set())  # built once: nh3.clean() rebuilds its sanitizer per call
+
+
+def safe_text(value: Any, limit: int = MAX_RECORD_TEXT) -> str:
+    """Record text made inert for markdown: one line, HTML removed, markup escaped, autolinks
+    defanged ("https://x" -> "https\\[:\\]//x"), at most `limit` characters."""
+    text = " ".join(str(value).split())
+    if len(text) > limit:
+        text = text[: limit - 1] + "…"
+    if "<" in text or "&" in text or ">" in text:
+        text = _CLEANER.clean(text)  # strips tags, entity-escapes & < >
+    text = _MD_SPECIAL.sub(r"\\\1", text)
+    text = _URL_SCHEME.sub(r"\1\\[:\\]", text)
+    return _WWW.sub(r"www\\[.\\]", text)
+
+
+@dataclass(frozen=True)
+class CardTexts:
+    """The card text files of `cards_dir`."""
+
+    common: dict[str, Any]
+    kinds: dict[str, dict[str, Any]]
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "CardTexts":
+        folder = Path(directory)
+        common = json.loads((folder / "common.json").read_text(encoding="utf-8"))
+        kinds = {k: json.loads((folder / f"{k}.json").read_text(encoding="utf-8")) for k in CARD_KINDS}
+        texts = cls(common, kinds)
+        texts.check()
+        return texts
+
+    def check(self) -> None:
+        """Fail at start-up, not mid-request, if a text file is incomplete."""
+        from cds_service.record import PREFETCH_KEYS
+
+        missing = [k for k in PREFETCH_KEYS if k not in self.common["unavailable_data"]]
+        if missing:
+            raise ValueError(f"cards/common.json unavailable_data lacks {missing}")
+        for kind, spec in self.kinds.items():
+            if spec.get("kind") != kind:
+                raise ValueError(f"cards/{kind}.json: kind must be {kind!r}")
+            for code in spec["override_reasons"]:
+                if code not in self.common["override_reasons"]:
+                    raise ValueError(f"cards/{kind}.json: unknown override reason {code!r}")
+
+
+class CardBuilder:
+    """Builds the card for one decision (stateless apart from the loaded texts)."""
+
+    def __init__(self, texts: CardTexts, knowledge: Knowledge, settings: Settings,
+                 verdicts: ValidationVerdicts | None = None) -> None:
+        self.texts = texts
+        self.knowledge = knowledge
+        self.settings = settings
+        self.verdicts = verdicts
+        # The parts every card of a kind shares are built (and checked by the card model) once,
+        # at start-up: a broken card file fails the deployment, not a clinician's request.
+        common = texts.common
+        self._source = protocol.Source(label=common["source"]["label"], url=common["source"]["url"],
+                                       topic=protocol.Coding(**common["source"]["topic"]))
+        self._links = [protocol.Link(**link) for link in common["links"]]
+        self._override_reasons = {
+            kind: [protocol.OverrideReason(system=common["override_reason_system"], code=code,
+                                           display=common["override_reasons"][code])
+                   for code in spec["override_reasons"]]
+            for kind, spec in texts.kinds.items()}
+
+    # -- public -------------------------------------------------------------------------------
+    def build(self, decision: Decision, facts: PatientFacts, context: Any) -> protocol.Card | None:
+        """The card for `decision` (None when the decision is "no card")."""
+        if decision.kind is None:
+            return None
+        spec = self.texts.kinds[decision.kind]
+        suggestions = None
+        if decision.kind in ("b12-test", "mma-test"):
+            suggestion = self._suggestion(decision, spec, facts, context)
+            suggestions = [suggestion] if suggestion else None
+        return protocol.Card(
+            summary=self._summary(decision, spec, facts),
+            detail=self._detail(decision, spec, facts),
+            indicator=decision.indicator or "info",
+            source=self._source,
+            suggestions=suggestions,
+            selectionBehavior="at-most-one" if suggestions else None,
+            overrideReasons=self._offered_reasons(decision.kind, facts),
+            links=list(self._links),
+        )
+
+    def _offered_reasons(self, kind: str, facts: PatientFacts) -> list[protocol.OverrideReason]:
+        """The override reasons of a card kind.  With a neurological red flag, "a mechanical cause
+        explains the symptoms" is not offered: a compressive cause does not rule out B12-related
+        myelopathy (subacute combined degeneration), and that dismissal would hide the card for
+        its whole suppression period."""
+        reasons = self._override_reasons[kind]
+        if facts.neurological_red_flags:
+            return [r for r in reasons if r.code != "mechanical-cause"]
+        return list(reasons)
+
+    # -- summary ------------------------------------------------------------------------------
+    def risk_labels(self, facts: PatientFacts) -> list[str]:
+        labels = self.texts.common["risk_factor_labels"]
+        return [labels[r.key].format(age=facts.age_years) for r in facts.risk_factors]
+
+    def _summary(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
+        r = decision.b12_result
+        if decision.kind == "low-b12":
+            variant = "red_flags" if facts.red_flags and "red_flags" in spec["summary"] else "result"
+            if r.analyte == "active-b12":
+                variant += "_active"
+            return spec["summary"][variant].format(value=self.reported(r), date=_day(r.on))[:MAX_SUMMARY]
+        summaries = spec["summary"]
+        if decision.suggest == "active-b12":  # pregnancy: active B12 is the test (NICE NG239)
+            summaries = spec["summary_pregnancy"]
+            if decision.reason in ("low-total-b12-in-pregnancy", "indeterminate-total-b12-in-pregnancy") and r:
+                key = "low_total" if decision.reason == "low-total-b12-in-pregnancy" else "indeterminate_total"
+                if facts.red_flags:
+                    key += "_red_flags"
+                return summaries[key].format(value=self.reported(r), date=_day(r.on))[:MAX_SUMMARY]
+        # Red flags lead the summary too: it is the line a busy clinician reads.  Without a listed
+        # symptom (decision not recommended) the summary asks about symptoms instead of advising.
+        if facts.red_flags:
+            variant = "red_flags"
+        elif facts.suspected_deficiency:
+            variant = "suspected"
+        else:
+            variant = "neuropathic" if decision.recommended else "chronic"
+        template = summaries[variant]
+        labels = self.risk_labels(facts)
+        # Name as many top risk factors as fit; the rest become "+N more".
+        # The result behind an MMA card is named with its value as reported ("indeterminate B12
+        # 245 pg/mL"); "active B12" is said in full so a pmol/L value is never read as total B12.
+        fields = {"value": self.reported(r) if r else "", "date": _day(r.on) if r else "",
+                  "test": "active B12" if r and r.analyte == "active-b12" else "B12"}
+        for n in range(len(labels), 0, -1):
+            shown = ", ".join(labels[:n]) + (f", +{len(labels) - n} more" if n < len(labels) else "")
+            text = template.format(risks=shown, **fields)
+            if len(text) <= MAX_SUMMARY:
+                return text
+        return template.format(risks=f"{len(labels)}", **fields)[:MAX_SUMMARY]
+
+    # -- detail -------------------------------------------------------------------------------
+    def _detail(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts) -> str:
+        c = self.texts.common
+        h = c["headings"]
+        s = self.settings
+        parts: list[str] = []
+        if facts.red_flags:  # red flags first: urgent assessment takes priority
+            # With a low B12 already known, B12 is not "checked alongside": the advice is to treat.
+            low = decision.kind == "low-b12"
+            heading = h["red_flags_low"] if low else h["red_flags"]
+            advice = c["red_flags_advice_low"] if low else c["red_flags_advice"]
+            parts.append(f"**{heading}**\n\n{_bullets(facts.red_flags)}\n\n{advice}\n\n"
+                         f"{self._pain_timing(facts)} {self._compressive(facts)}")
+        if facts.pregnancy:  # it changes how every B12 result below is read (NICE NG239)
+            parts.append(f"**{h['pregnancy']}**\n\n{_bullets(facts.pregnancy)}\n\n{c['pregnancy_advice']}")
+        if facts.suspected_deficiency:
+            parts.append(f"**{h['suspected']}**\n\n{_bullets(facts.suspected_deficiency)}\n\n{c['suspected_note']}")
+        # "Mechanical causes first" holds unless a red flag is documented: then the red flag comes first.
+        after = "_after_red_flags" if facts.red_flags else ""
+        mechanical_heading = h["mechanical" + after]
+        if facts.mechanical:
+            parts.append(f"**{mechanical_heading}**\n\n{c['mechanical_documented' + after]}\n\n"
+                         f"{_bullets(facts.mechanical)}")
+        else:
+            parts.append(f"**{mechanical_heading}**\n\n{c['mechanical_reminder' + after]}")
+        if facts.risk_factors:
+            labels = self.risk_labels(facts)
+            lines = []
+            notes = c.get("risk_factor_notes", {})
+            for label, risk in zip(labels, facts.risk_factors):
+                ev = "; ".join(_evidence(e) for e in risk.evidence[:MAX_LIST_ITEMS])
+                note = f" ({notes[risk.note]})" if risk.note in notes else ""
+                lines.append(f"- {safe_text(label)}: {ev}{note}")
+            parts.append(f"**{h['risk_factors']}**\n\n" + "\n".join(lines))
+        if facts.neuropathic:
+            neuro = _bullets(facts.neuropathic)
+        elif facts.neurological_red_flags:
+            # A myelopathy, cord-compression sign or gait disturbance is itself a neurological sign
+            # B12 deficiency can cause (NICE NG239; subacute combined degeneration): "none
+            # documented" under it would contradict the red-flag section and falsely reassure.
+            neuro = c["neuropathic_see_red_flags"]
+        else:
+            neuro = c["neuropathic_none"]
+        if facts.neuropathic and facts.compressive:
+            neuro += f"\n\n{c['neuropathic_explained']}"
+        parts.append(f"**{h['neuropathic']}**\n\n{neuro}")
+        parts.append(f"**{h['results']}**\n\n{self._results(facts)}")
+        advice = spec["advice"]
+        if decision.reason in ("low-total-b12-in-pregnancy", "indeterminate-total-b12-in-pregnancy"):
+            advice = spec["advice_pregnancy_result"]
+        elif decision.suggest == "active-b12":
+            advice = spec["advice_pregnancy"]
+        elif decision.kind == "low-b12" and decision.b12_result and decision.b12_result.analyte == "active-b12":
+            advice = spec["advice_active"]
+        if isinstance(advice, dict):  # wording that depends on whether a NICE-listed symptom is documented
+            if facts.suspected_deficiency and "suspected" in advice:
+                advice = advice["suspected"]
+            else:
+                advice = advice["with_neuropathic" if decision.recommended else "without_neuropathic"]
+        parts.append(advice.format(low=_num(s.b12_low_below_ng_l), high=_num(s.b12_normal_above_ng_l),
+                                   active_low=_num(s.active_b12_low_below_pmol_l),
+                                   active_high=_num(s.active_b12_normal_above_pmol_l),
+                                   recent_days=s.recent_test_days))
+        if facts.unavailable:
+            wording = c["unavailable_data"]
+            missing = [wording.get(k, safe_text(k)) for k in sorted(facts.unavailable)]
+            parts.append(f"**{h['unavailable']}**\n\n{c['unavailable_intro']} " + ", ".join(missing) + ".")
+        parts.append(f"_{c['evidence_note']}_")
+        return "\n\n".join(parts)
+
+    def _pain_timing(self, facts: PatientFacts) -> str:
+        """Acute or chronic, as the rules saw it (shown with red flags, which apply either way)."""
+        t = self.texts.common["pain_timing"]
+        onset = facts.neck_pain_onset
+        if facts.chronic:
+            return t["chronic"].format(onset=_day(onset)) if onset else t["chronic_coded"]
+        return t["acute"].format(onset=_day(onset)) if onset else t["unknown"]
+
+    def _compressive(self, facts: PatientFacts) -> str:
+        c = self.texts.common
+        if not facts.compressive:
+            return c["compressive_none"]
+        names = list(dict.fromkeys(safe_text(e.label) for e in facts.compressive))
+        shown = "; ".join(names[:MAX_LIST_ITEMS]) + (f"; and {len(names) - MAX_LIST_ITEMS} more"
+                                                      if len(names) > MAX_LIST_ITEMS else "")
+        return c["compressive_documented"].format(causes=shown)
+
+    def _results(self, facts: PatientFacts) -> str:
+        lines = [f"- {self._result_line(group[0], facts)}"
+                 for group in (facts.b12_results, facts.active_b12_results, facts.mma_results) if group]
+        lines += [f"- {self._result_line(r, facts)}" for r in facts.pending_results[:MAX_LIST_ITEMS]]
+        return "\n".join(lines) if lines else self.texts.common["no_results"]
+
+    def reported(self, r: LabResult) -> str:
+        """The value as the laboratory reported it: comparator, number as written, its unit; then
+        the equivalent in the unit the rules use, in brackets, when that unit differs
+        ("<100 pmol/L (<136 ng/L)", "245 pg/mL", "0.36 umol/L (360 nmol/L)")."""
+        if r.value is None:
+            return self.texts.common["value_not_readable"]
+        comparator = r.comparator if r.comparator in ("<", "<=", ">", ">=") else ""
+        number = r.value_text if r.value_text and _NUMBER.match(r.value_text) else _num(r.value)
+        text = f"{comparator}{number}"
+        unit = _unit_text(r.unit) if r.unit else ""
+        if unit:
+            text += f" {unit}"
+        equivalent = r.canonical if r.canonical is not None else (r.value_ng_l if r.analyte == "b12" else None)
+        canonical_unit = r.canonical_unit or ("ng/L" if r.analyte == "b12" else None)
+        if (equivalent is not None and canonical_unit and unit
+                and not _same_number(normalize_unit(r.unit), normalize_unit(canonical_unit), r.value, equivalent)):
+            text += f" ({comparator}{format_number(Decimal(str(equivalent)))} {canonical_unit})"
+        return text
+
+    def _result_line(self, r: LabResult, facts: PatientFacts) -> str:
+        c = self.texts.common
+        name = ANALYTE_NAMES.get(r.analyte, r.analyte)
+        head = f"{name} {self.reported(r)} on {_day(r.on)}"
+        if r.pending:
+            return f"{head}: {c['pending_result']}"
+        if r.implausible:
+            return f"{head}: {c['implausible_result']}"
+        if r.analyte == "mma":
+            return head
+        s = self.settings
+        band = band_b12(r, s)
+        labels = c["band_labels_active"] if r.analyte == "active-b12" else c["band_labels"]
+        low, high = cut_offs(r, s)
+        key = band or "unbanded"
+        if band == "indeterminate" and r.comparator in ("<", "<="):
+            key = "low_or_indeterminate"
+        bound = ""
+        if key == "low_or_indeterminate":
+            v = r.canonical if r.canonical is not None else r.value_ng_l
+            bound = f"{format_number(Decimal(str(v)))} {r.canonical_unit or 'ng/L'}"
+        text = f"{head}: {labels[key].format(low=_num(low), high=_num(high), bound=bound)}"
+        if facts.pregnancy and r.analyte == "b12":
+            text += f"; {c['pregnancy_total_note']}"
+        return text
+
+    # -- suggestion ---------------------------------------------------------------------------
+    def _suggestion(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
+                    context: Any) -> protocol.Suggestion | None:
+        kind = decision.kind
+        texts = spec["suggestion"]
+        if kind == "mma-test":
+            loinc, vs = MMA_LOINC, "mma-lab"
+        elif decision.suggest == "active-b12":
+            # The verified holotranscobalamin code (valuesets/active-b12-lab.json).
+            codes = self.knowledge.valueset_codes(ACTIVE_B12_VALUESET)
+            if not codes:
+                return None
+            loinc, vs, texts = codes[0][1], ACTIVE_B12_VALUESET, spec["suggestion_active"]
+        else:
+            loinc, vs = self.settings.b12_order_loinc, "b12-lab"
+        resource = build_service_request(
+            loinc=loinc, display=self.knowledge.display(vs, LOINC, loinc) or texts["code_text"],
+            text=texts["code_text"], facts=facts, context=context, intent=self.settings.order_intent,
+            verdicts=self.verdicts)
+        if resource is None:
+            return None
+        return protocol.Suggestion(
+            label=texts["label"], isRecommended=decision.recommended,
+            actions=[protocol.Action(type="create", description=texts["action"], resource=resource)])
+
+
+def build_service_request(*, loinc: str, display: str, text: str, facts: PatientFacts, context: Any,
+                          intent: str, verdicts: ValidationVerdicts | None = None) -> dict[str, Any] | None:
+    """A draft ServiceRequest for a lab test, validated with fhir.resources R4B (None if invalid,
+    e.g. a misconfigured intent: the card is then shown without a suggestion)."""
+    if intent not in REQUEST_INTENTS:
+        log.warning("invalid ServiceRequest intent", extra={"event": "invalid_suggestion"})
+        return None
+    resource: dict[str, Any] = {
+        "resourceType": "ServiceRequest",
+        "status": "draft",
+        "intent": intent,
+        "code": {"coding": [{"system": LOINC, "code": loinc, "display": display}], "text": text},
+        "subject": {"reference": f"Patient/{facts.patient_id}"},
+    }
+    encounter_id = getattr(context, "encounter_id", None)
+    if encounter_id:
+        resource["encounter"] = {"reference": f"Encounter/{encounter_id}"}
+    user_id = getattr(context, "user_id", "") or ""
+    if user_id.partition("/")[0] in ("Practitioner", "PractitionerRole") and user_id.partition("/")[2]:
+        resource["requester"] = {"reference": user_id}
+    refs = list(dict.fromkeys(e.reference for e in facts.neck_pain if e.reference))
+    if refs:
+        resource["reasonReference"] = [{"reference": ref} for ref in refs]
+    else:
+        resource["reasonCode"] = [{"text": "Neck pain"}]
+    if not is_valid_r4b(resource, "ServiceRequest", verdicts):
+        log.warning("invalid ServiceRequest suggestion", extra={"event": "invalid_suggestion"})
+        return None
+    return resource
+
+
+# --- formatting helpers -----------------------------------------------------------------------
+
+def _num(value: float | None) -> str:
+    if value is None:
+        return "?"
+    return f"{value:.0f}" if float(value).is_integer() else f"{value:.1f}"
+
+
+_NUMBER = re.compile(r"^[+-]?[0-9]*[.,]?[0-9]+$")
+_UNIT_UNSAFE = re.compile(r"[^A-Za-z0-9/%. µμ]")
+
+
+def _unit_text(unit: str) -> str:
+    """A unit from the record made safe for both plain-text summaries and markdown details: only
+    letters, digits, "/", "%", ".", spaces and micro signs are kept (every unit of these analytes
+    fits), at most 20 characters."""
+    return " ".join(_UNIT_UNSAFE.sub("", unit).split())[:20]
+
+
+def _same_number(unit: str, canonical: str, value: float, equivalent: float) -> bool:
+    """Whether the reported unit shows the same number as the canonical one (pg/mL = ng/L)."""
+    return unit == canonical or abs(value - equivalent) < 1e-9
+
+
+def _day(on: date | None) -> str:
+    return on.isoformat() if on else "unknown date"
+
+
+def _evidence(e: Evidence) -> str:
+    when = f" ({e.on.isoformat()})" if e.on else ""
+    return f"{safe_text(e.label)}{when}"
+
+
+def _bullets(items: tuple[Evidence, ...]) -> str:
+    seen: dict[str, None] = {}
+    for e in items:
+        seen.setdefault(_evidence(e))
+    lines = [f"- {x}" for x in list(seen)[:MAX_LIST_ITEMS]]
+    if len(seen) > MAX_LIST_ITEMS:
+        lines.append(f"- and {len(seen) - MAX_LIST_ITEMS} more")
+    return "\n".join(lines)
