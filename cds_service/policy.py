@@ -28,6 +28,8 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
+import orjson
+
 from cds_service.config import Settings
 from cds_service.facts import PatientFacts
 from cds_service.rules import Decision
@@ -54,8 +56,10 @@ class Situation:
     """Fingerprints of the red-flag records."""
 
     def to_json(self) -> str:
-        return json.dumps({"indicator": self.indicator, "b12": self.b12,
-                           "red_flags": sorted(self.red_flags)}, separators=(",", ":"))
+        """Compact JSON (orjson: the same text as `json.dumps` with compact separators for
+        these ASCII values, a tenth of the time; written on every hook call with a card)."""
+        return orjson.dumps({"indicator": self.indicator, "b12": self.b12,
+                             "red_flags": sorted(self.red_flags)}).decode()
 
     @classmethod
     def from_json(cls, text: str | None) -> "Situation | None":

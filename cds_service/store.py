@@ -11,7 +11,12 @@ Process and thread safety (gunicorn pre-fork workers, threaded workers):
   open when gunicorn forks a preloaded app;
 * every write is one transaction; SQLite writers take the write lock up front
   (`BEGIN IMMEDIATE`) and wait up to `BUSY_TIMEOUT_MS` for it; `synchronous=FULL` makes an
-  acknowledged write survive SIGKILL or power loss.
+  acknowledged write survive SIGKILL or power loss;
+* the two writes made on every hook call (the issued cards, the JWT replay cache) are each one
+  autocommit statement (no BEGIN/COMMIT round trips) that commits without waiting for the disk:
+  SQLite WAL with `synchronous=NORMAL` (a committed WAL frame is in the OS page cache, so it
+  survives the death of the process, not a power loss), PostgreSQL `synchronous_commit=off`
+  (the connection's default; every durable transaction sets it back on for itself).
 
 Patient ids are never stored: issued cards keep an HMAC-SHA256 of the id under a secret key
 (`CDS_PATIENT_HASH_KEY`, else a random key created once in `data_dir` with mode 0600).  Encounter
@@ -28,12 +33,15 @@ import secrets
 import sqlite3
 import threading
 import time
+from functools import lru_cache
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from cds_service.config import Settings
 from cds_service.logs import get_logger
@@ -45,7 +53,7 @@ SQLITE_FILENAME = "cds.sqlite3"
 PATIENT_KEY_FILENAME = "patient_hash.key"
 BUSY_TIMEOUT_MS = 30_000
 JTI_PURGE_INTERVAL_SECONDS = 60.0
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 # Migrations: version -> statements.  `{id}` is the auto-increment primary key column type of the
 # dialect.  Never edit a released migration; append a new one.
@@ -114,15 +122,54 @@ _MIGRATIONS: dict[int, tuple[str, ...]] = {
                PRIMARY KEY (patient_hash, kind))""",
         "CREATE INDEX suppressions_feedback_at ON suppressions (feedback_at)",
     ),
+    # One INSERT per hook call: a card's suggestion uuids go in its own row (JSON array text)
+    # instead of one `issued_suggestions` row each.  Cards recorded before (NULL here) keep theirs
+    # in `issued_suggestions`, which feedback still reads for them (also for cards written by a
+    # replica still running the previous version during a rolling upgrade).
+    # The encounter index holds only rows that have an encounter (the lockout looks up nothing
+    # else): a call without one writes one index page less.
+    3: (
+        "ALTER TABLE issued_cards ADD COLUMN suggestion_uuids TEXT",
+        "DROP INDEX issued_cards_encounter",
+        "CREATE INDEX issued_cards_encounter ON issued_cards (encounter_hash, kind)"
+        " WHERE encounter_hash IS NOT NULL",
+    ),
 }
 _ID_COLUMN = {
     "sqlite": "INTEGER PRIMARY KEY AUTOINCREMENT",
     "postgresql": "BIGINT GENERATED ALWAYS AS IDENTITY PRIMARY KEY",
 }
 _PG_MIGRATION_LOCK = 0x0B12CD5  # pg_advisory_xact_lock key serialising concurrent migrations
+# Parameterless, so psycopg sends each as one simple query: one round trip.
+_PG_BEGIN_DURABLE = "BEGIN; SET LOCAL synchronous_commit = on"
+_PG_BEGIN_NOT_DURABLE = "BEGIN; SET LOCAL synchronous_commit = off"
 
 
 DELIVERIES: tuple[str, ...] = ("shown", "silent", "suppressed", "locked-out")
+
+_ISSUED_COLUMNS = ("card_uuid, service_id, kind, hook_instance, patient_hash, issued_at, delivery,"
+                   " encounter_hash, situation, withheld_by, suggestion_uuids")
+_ISSUED_ROW = "(" + ", ".join("?" * (_ISSUED_COLUMNS.count(",") + 1)) + ")"
+
+
+@lru_cache(maxsize=16)
+def _insert_issued_sql(rows: int) -> str:
+    """The multi-row INSERT of `rows` issued cards (the text is cached: SQLite and psycopg then
+    reuse their prepared statement)."""
+    return (f"INSERT INTO issued_cards ({_ISSUED_COLUMNS}) VALUES "
+            + ", ".join([_ISSUED_ROW] * rows) + " ON CONFLICT (card_uuid) DO NOTHING")
+
+
+# The alert policy's read (Store.policy_records): the suppression primary key, plus, for the
+# encounter lockout, the encounter index.  Bound as (patient, kind, now[, encounter, kind, since,
+# patient]).
+_POLICY_READ = ("SELECT 'suppression', outcome, reason_system, reason_code, reason_display,"
+                " feedback_at, until, situation, service_id FROM suppressions"
+                " WHERE patient_hash = ? AND kind = ? AND until > ?")
+_POLICY_READ_WITH_LOCKOUT = _POLICY_READ + (
+    " UNION ALL SELECT 'lockout', NULL, NULL, NULL, NULL, issued_at, NULL, situation,"
+    " service_id FROM issued_cards WHERE encounter_hash = ? AND kind = ?"
+    " AND delivery = 'shown' AND issued_at >= ? AND patient_hash = ?")
 
 
 @dataclass(frozen=True)
@@ -196,7 +243,11 @@ def timestamp_text(moment: datetime) -> str:
     """`YYYY-MM-DDTHH:MM:SS.ffffffZ` in UTC: fixed width, so text order is time order."""
     if moment.tzinfo is None:
         raise ValueError("timestamp must be timezone-aware")
-    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    utc = moment.astimezone(timezone.utc)
+    if utc.year < 1000:  # keep strftime's unpadded year for these (stored dedup keys use it)
+        return utc.strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+    # isoformat ends "+00:00" for UTC; same text as the strftime above, in a third of the time
+    return utc.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 class Store:
@@ -290,8 +341,13 @@ class Store:
             return conn
         import psycopg
 
-        return psycopg.connect(self._database_url, autocommit=True, connect_timeout=10,
+        conn = psycopg.connect(self._database_url, autocommit=True, connect_timeout=10,
                                application_name="b12-cds")
+        # The default for the single-statement writes of the hook path (`_write`); durable
+        # transactions set `synchronous_commit = on` for themselves (`_begin_postgres`), so they
+        # never depend on this (nor on what a connection pooler leaves in the session).
+        conn.execute("SET synchronous_commit = off")
+        return conn
 
     @contextmanager
     def _transaction(self, write: bool = True, durable: bool = True) -> Iterator["_Cursor"]:
@@ -321,9 +377,7 @@ class Store:
                     raise
                 conn.execute("COMMIT")
         else:
-            conn = self._begin_postgres()
-            if not durable:
-                conn.execute("SET LOCAL synchronous_commit = off")
+            conn = self._begin_postgres(durable)
             try:
                 with conn.cursor() as cur:
                     yield _Cursor(cur, self.dialect)
@@ -342,15 +396,17 @@ class Store:
             conn.execute(f"PRAGMA synchronous = {level}")
             self._local.sync = (conn, level)
 
-    def _begin_postgres(self) -> Any:
-        """BEGIN on this thread's connection; a connection found dead (server restart, idle
-        timeout) is replaced once: nothing was sent yet, so the retry is safe."""
+    def _begin_postgres(self, durable: bool = True) -> Any:
+        """BEGIN on this thread's connection, with the transaction's `synchronous_commit` (in
+        the same round trip); a connection found dead (server restart, idle timeout) is replaced
+        once: nothing was sent yet, so the retry is safe."""
         import psycopg
 
+        begin = _PG_BEGIN_DURABLE if durable else _PG_BEGIN_NOT_DURABLE
         for attempt in (1, 2):
             conn = self._connection()
             try:
-                conn.execute("BEGIN")
+                conn.execute(begin)
                 return conn
             except psycopg.OperationalError:
                 if attempt == 2 or not _is_broken(conn):
@@ -390,8 +446,17 @@ class Store:
     # ---------------------------------------------------------------------------------------
 
     def patient_hash(self, patient_id: str) -> str:
-        """Keyed HMAC-SHA256 (hex) of a patient id; the id itself is never stored."""
-        return hmac.new(self._patient_key, patient_id.encode("utf-8"), hashlib.sha256).hexdigest()
+        """Keyed HMAC-SHA256 (hex) of a patient id; the id itself is never stored.
+
+        A hook call hashes its patient twice (the policy read, then the issued-card write), so
+        each thread remembers the last id it hashed (in memory only, replaced by the next)."""
+        local = self._local
+        last = getattr(local, "last_patient", None)
+        if last is not None and last[0] == patient_id:
+            return last[1]
+        digest = hmac.digest(self._patient_key, patient_id.encode("utf-8"), "sha256").hex()
+        local.last_patient = (patient_id, digest)
+        return digest
 
     def keyed_digest(self, text: str, length: int = 16) -> str:
         """A short keyed hash (hex) of `text`, for fingerprints that must not carry record data."""
@@ -405,26 +470,22 @@ class Store:
     def record_issued_cards(self, service_id: str, hook_instance: str, patient_id: str,
                             cards: Sequence[IssuedCard], encounter_id: str | None = None) -> None:
         """Remember the cards the rules chose in one hook call, shown or withheld (one
-        transaction; re-recording is a no-op)."""
+        statement, so one atomic commit; re-recording is a no-op).
+
+        Committed before returning, without waiting for the disk (see the module docstring):
+        once this returns, feedback sent to any worker finds the cards, even if this process is
+        killed the next instant."""
         if not cards:
             return
         patient = self.patient_hash(patient_id)
         encounter = self.encounter_hash(encounter_id) if encounter_id else None
         now = utc_now_text()
-        with self._transaction(durable=False) as cur:
-            for card in cards:
-                cur.execute(
-                    "INSERT INTO issued_cards (card_uuid, service_id, kind, hook_instance,"
-                    " patient_hash, issued_at, delivery, encounter_hash, situation, withheld_by)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                    " ON CONFLICT (card_uuid) DO NOTHING",
-                    (card.card_uuid, service_id, card.kind, hook_instance, patient, now,
-                     card.delivery, encounter, card.situation, card.withheld_by))
-                for suggestion in dict.fromkeys(card.suggestion_uuids):
-                    cur.execute(
-                        "INSERT INTO issued_suggestions (card_uuid, suggestion_uuid) VALUES (?, ?)"
-                        " ON CONFLICT (card_uuid, suggestion_uuid) DO NOTHING",
-                        (card.card_uuid, suggestion))
+        params: list[Any] = []
+        for card in cards:
+            params += (card.card_uuid, service_id, card.kind, hook_instance, patient, now,
+                       card.delivery, encounter, card.situation, card.withheld_by,
+                       orjson.dumps(list(dict.fromkeys(card.suggestion_uuids))).decode())
+        self._write(_insert_issued_sql(len(cards)), params, retry=True)
 
     # ---------------------------------------------------------------------------------------
     # Alert policy: suppressions and the encounter lockout
@@ -438,17 +499,13 @@ class Store:
 
         One statement (a primary-key lookup, plus an index lookup for the encounter), sent
         without an explicit transaction: one round trip to the database."""
-        params: list[Any] = [self.patient_hash(patient_id), kind, timestamp_text(now)]
-        sql = ("SELECT 'suppression', outcome, reason_system, reason_code, reason_display,"
-               " feedback_at, until, situation, service_id FROM suppressions"
-               " WHERE patient_hash = ? AND kind = ? AND until > ?")
+        patient = self.patient_hash(patient_id)
         if encounter_id and lockout_since is not None:
-            sql += (" UNION ALL SELECT 'lockout', NULL, NULL, NULL, NULL, issued_at, NULL, situation,"
-                    " service_id FROM issued_cards WHERE encounter_hash = ? AND kind = ?"
-                    " AND delivery = 'shown' AND issued_at >= ? AND patient_hash = ?")
-            params += [self.encounter_hash(encounter_id), kind, timestamp_text(lockout_since),
-                       params[0]]
-        rows = self._query(sql, params)
+            rows = self._query(_POLICY_READ_WITH_LOCKOUT, (
+                patient, kind, timestamp_text(now), self.encounter_hash(encounter_id), kind,
+                timestamp_text(lockout_since), patient))
+        else:
+            rows = self._query(_POLICY_READ, (patient, kind, timestamp_text(now)))
         suppression = lockout = None
         for source, outcome, system, code, display, at, until, situation, service in rows:
             if source == "suppression":
@@ -476,6 +533,34 @@ class Store:
             cur.execute("DELETE FROM suppressions WHERE patient_hash IN ("
                         + ", ".join("?" * len(hashes)) + ")", hashes)
             return cur.rowcount
+
+    def _write(self, sql: str, params: Sequence[Any], *, retry: bool = False) -> int:
+        """Run one writing statement as its own transaction, committed without waiting for the
+        disk (module docstring), and return its row count.
+
+        SQLite: an autocommit write takes the write lock when it starts (as `BEGIN IMMEDIATE`
+        does) and waits for it up to `BUSY_TIMEOUT_MS`; threads of this process queue on the
+        Python lock first.  PostgreSQL: one round trip.  `retry`: the statement is idempotent,
+        so a dead connection is replaced and the statement sent again (it may have committed
+        before the connection died)."""
+        if self.dialect == "sqlite":
+            conn = self._connection()
+            self._sqlite_sync(conn, "NORMAL")
+            with self._sqlite_write_lock:
+                return conn.execute(sql, params).rowcount
+        import psycopg
+
+        sql = sql.replace("?", "%s")
+        for attempt in (1, 2):
+            conn = self._connection()
+            try:
+                return conn.execute(sql, params).rowcount
+            except psycopg.OperationalError:
+                if attempt == 2 or not retry or not _is_broken(conn):
+                    raise
+                log.warning("database connection lost; reconnecting",
+                            extra={"event": "db_reconnect"})
+        raise AssertionError("unreachable")
 
     def _query(self, sql: str, params: Sequence[Any]) -> list[Any]:
         """Run one read-only statement outside an explicit transaction (SQLite and psycopg
@@ -522,17 +607,20 @@ class Store:
             for index, entry in enumerate(entries):
                 row = _feedback_row(service_id, entry)
                 card = cur.execute(
-                    "SELECT patient_hash, kind, delivery, situation FROM issued_cards"
-                    " WHERE card_uuid = ? AND service_id = ?",
+                    "SELECT patient_hash, kind, delivery, situation, suggestion_uuids"
+                    " FROM issued_cards WHERE card_uuid = ? AND service_id = ?",
                     (row["card_uuid"], service_id)).fetchone()
                 known = card is not None
                 unknown_suggestions = False
                 if known:
                     accepted = json.loads(row["accepted_suggestions"])
                     if accepted:
-                        issued = {r[0] for r in cur.execute(
-                            "SELECT suggestion_uuid FROM issued_suggestions WHERE card_uuid = ?",
-                            (row["card_uuid"],)).fetchall()}
+                        if card[4] is not None:
+                            issued = set(json.loads(card[4]))
+                        else:  # recorded before schema v3 (see the migration)
+                            issued = {r[0] for r in cur.execute(
+                                "SELECT suggestion_uuid FROM issued_suggestions"
+                                " WHERE card_uuid = ?", (row["card_uuid"],)).fetchall()}
                         unknown_suggestions = not set(accepted) <= issued
                 else:
                     unknown.append(index)
@@ -557,7 +645,7 @@ class Store:
     @staticmethod
     def _suppress(cur: "_Cursor", service_id: str, row: dict[str, Any], issued: Sequence[Any],
                   received: str, suppression_days: SuppressionDays) -> None:
-        patient, kind, _, situation = issued
+        patient, kind, _, situation, _ = issued
         days = suppression_days(kind, row["outcome"], row["reason_system"], row["reason_code"])
         if days <= 0:
             return
@@ -720,17 +808,16 @@ class Store:
         """Record a JWT id; True when new (or its earlier record has expired), False on replay.
 
         Atomic across threads, processes and replicas: the decision is the row count of a single
-        `INSERT ... ON CONFLICT DO NOTHING` (or of the conditional refresh of an expired row).
+        `INSERT ... ON CONFLICT DO UPDATE ... WHERE <expired>` (1: inserted or refreshed an
+        expired row; 0: a live row exists, a replay).
         """
         now = time.time()
-        with self._transaction(durable=False) as cur:
-            cur.execute("INSERT INTO jti_seen (issuer, jti, expires_at) VALUES (?, ?, ?)"
-                        " ON CONFLICT (issuer, jti) DO NOTHING", (issuer, jti, expires_at))
-            fresh = cur.rowcount == 1
-            if not fresh:
-                cur.execute("UPDATE jti_seen SET expires_at = ? WHERE issuer = ? AND jti = ?"
-                            " AND expires_at < ?", (expires_at, issuer, jti, now))
-                fresh = cur.rowcount == 1
+        # One statement, its own transaction (committed without waiting for the disk, as the
+        # issued cards): it inserts, or refreshes an expired row, or (a replay) changes nothing.
+        fresh = self._write(
+            "INSERT INTO jti_seen (issuer, jti, expires_at) VALUES (?, ?, ?)"
+            " ON CONFLICT (issuer, jti) DO UPDATE SET expires_at = excluded.expires_at"
+            " WHERE jti_seen.expires_at < ?", (issuer, jti, expires_at, now)) == 1
         if now >= self._next_purge:
             self._next_purge = now + JTI_PURGE_INTERVAL_SECONDS
             self.purge_expired_jti(now)

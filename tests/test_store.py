@@ -94,6 +94,74 @@ class StoreContract:
         store.record_issued_cards(SVC, "hook-1", "p", [card])
         assert store.feedback_report()["totals"]["issued"] == 1
 
+    def test_the_cards_of_one_call_are_recorded_together_with_their_suggestions(self, store):
+        store.record_issued_cards(SVC, "h", "p", [
+            IssuedCard("c1", "kind-a", ("s1", "s2")), IssuedCard("c2", "kind-b", ("s3",)),
+            IssuedCard("c3", "kind-a", delivery="suppressed", withheld_by='{"outcome":"overridden"}')],
+            encounter_id="enc-1")
+        result = store.save_feedback(SVC, [accepted("c1", "s1", "s2"), accepted("c2", "s3"),
+                                           accepted("c2", "s1")])  # s1 is c1's, not c2's
+        assert result.unknown_cards == ()
+        flags = [(r["card_uuid"], r["unknown_suggestions"]) for r in store.feedback_rows()]
+        assert flags == [("c1", False), ("c2", False), ("c2", True)]
+        kinds = {k["kind"]: k for k in store.feedback_report()["kinds"]}
+        assert (kinds["kind-a"]["issued"], kinds["kind-a"]["suppressed"], kinds["kind-b"]["issued"]) == (1, 1, 1)
+
+    def test_migration_to_v3_keeps_earlier_cards_suggestions_and_encounters(self, open_store, monkeypatch):
+        """A database written by schema v2 (suggestions in `issued_suggestions`, every card in
+        the encounter index): after the migration feedback still finds the old cards'
+        suggestions and the encounter lockout still sees the old cards."""
+        import cds_service.store as store_module
+
+        monkeypatch.setattr(store_module, "SCHEMA_VERSION", 2)
+        old = open_store()
+        assert old.schema_version() == 2
+        now = datetime.now(timezone.utc)
+        at = store_module.timestamp_text(now - timedelta(hours=1))
+        with old._transaction() as cur:
+            for card, encounter in (("old-1", "enc-1"), ("old-2", None)):
+                cur.execute("INSERT INTO issued_cards (card_uuid, service_id, kind, hook_instance,"
+                            " patient_hash, issued_at, delivery, encounter_hash, situation, withheld_by)"
+                            " VALUES (?, ?, 'kind-a', 'h', ?, ?, 'shown', ?, NULL, NULL)",
+                            (card, SVC, old.patient_hash("p1"), at,
+                             old.encounter_hash(encounter) if encounter else None))
+                cur.execute("INSERT INTO issued_suggestions (card_uuid, suggestion_uuid) VALUES (?, ?)",
+                            (card, f"{card}-s"))
+        old.close()
+        monkeypatch.undo()
+
+        store = open_store()
+        assert store.schema_version() == SCHEMA_VERSION == 3
+        store.record_issued_cards(SVC, "h2", "p1", [IssuedCard("new-1", "kind-a", ("new-1-s",))])
+        result = store.save_feedback(SVC, [accepted("old-1", "old-1-s"), accepted("old-2", "new-1-s"),
+                                           accepted("new-1", "new-1-s")])
+        assert result.unknown_cards == ()
+        flags = [(r["card_uuid"], r["unknown_suggestions"]) for r in store.feedback_rows()]
+        assert flags == [("old-1", False), ("old-2", True), ("new-1", False)]
+        lock = store.policy_records("p1", "kind-a", now, "enc-1", now - timedelta(hours=2)).lockout
+        assert lock is not None and lock.issued_at == at
+        assert store.policy_records("p1", "kind-a", now, "enc-2", now - timedelta(hours=2)).lockout is None
+        assert store.feedback_report()["totals"]["issued"] == 3
+        store.close()
+
+    def test_the_patient_hash_is_right_for_every_thread(self, store):
+        """Each thread remembers the last id it hashed: interleaved threads never get another's."""
+        key = store._patient_key
+        errors: list[str] = []
+
+        def client(n: int) -> None:
+            for i in range(300):
+                pid = f"p{(n * 7 + i) % 5}"
+                if store.patient_hash(pid) != hmac.new(key, pid.encode(), hashlib.sha256).hexdigest():
+                    errors.append(pid)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+
     # --- feedback --------------------------------------------------------------------------
 
     def test_feedback_is_stored_and_duplicates_are_idempotent(self, store):
@@ -306,6 +374,16 @@ class TestSqliteStore(StoreContract):
         assert level() == 1
         store.save_feedback(SVC, [overridden("c1", comment="no")])
         assert level() == 2
+
+    def test_the_issued_card_write_is_one_statement(self, store):
+        """One INSERT for all the cards of a call (its own transaction: no BEGIN/COMMIT)."""
+        store.record_issued_cards(SVC, "h0", "p1", [IssuedCard("c0", "b12-test", ("s0",))])
+        statements: list[str] = []
+        store._connection().set_trace_callback(statements.append)
+        store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1", "s2")),
+                                                    IssuedCard("c2", "b12-test", ("s3",))])
+        store._connection().set_trace_callback(None)
+        assert len(statements) == 1 and statements[0].startswith("INSERT INTO issued_cards")
 
     def test_generated_patient_key_is_private_and_shared_by_every_worker(self, tmp_path):
         settings = Settings(data_dir=str(tmp_path / "data"))

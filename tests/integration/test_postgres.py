@@ -28,7 +28,7 @@ import pytest
 from cds_service.config import Settings
 from cds_service.store import SCHEMA_VERSION, IssuedCard, Store
 from tests.servers import free_port
-from tests.test_store import SVC, StoreContract, overridden
+from tests.test_store import SVC, StoreContract, accepted, overridden
 
 pytestmark = pytest.mark.integration
 
@@ -167,6 +167,45 @@ class TestPostgresStore(StoreContract):
         conn = store._connection()
         assert conn.execute("SELECT count(*) FROM feedback").fetchone()[0] == 1
         store.close()
+
+    def test_only_feedback_waits_for_the_disk(self, open_store):
+        """The hook path's writes (issued cards, replay cache) are one statement each, run with
+        the connection's `synchronous_commit = off`; every durable transaction (feedback,
+        migrations) sets it on for itself, whatever the session has."""
+        store = open_store()
+        conn = store._connection()
+
+        def level(cur=None) -> str:
+            return (cur or conn).execute("SHOW synchronous_commit").fetchone()[0]
+
+        assert level() == "off"
+        with store._transaction() as cur:
+            assert level(cur) == "on"
+        with store._transaction(durable=False) as cur:
+            assert level(cur) == "off"
+        store._next_purge = time.time() + 3600  # no replay-cache purge in the middle
+        sent: list[str] = []
+        real_execute = conn.execute
+        conn.execute = lambda sql, *a, **k: (sent.append(str(sql)), real_execute(sql, *a, **k))[1]
+        try:
+            store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1", "s2")),
+                                                        IssuedCard("c2", "b12-test")])
+            assert store.remember_jti("iss", "j1", time.time() + 60) is True
+            assert store.remember_jti("iss", "j1", time.time() + 60) is False
+            assert [q.split()[0] for q in sent] == ["INSERT"] * 3
+            sent.clear()
+            real_execute("SET synchronous_commit = on")  # as a pooler might leave the session
+            store.save_feedback(SVC, [accepted("c1", "s1")])
+            assert sent == ["BEGIN; SET LOCAL synchronous_commit = on", "COMMIT"]
+            sent.clear()
+            real_execute("SET synchronous_commit = off")
+            store.save_feedback(SVC, [accepted("c1", "s2")])
+            assert sent == ["BEGIN; SET LOCAL synchronous_commit = on", "COMMIT"]
+            assert level() == "off"  # SET LOCAL: the session keeps its own
+            assert [r["unknown_suggestions"] for r in store.feedback_rows()] == [False, False]
+        finally:
+            del conn.execute
+            store.close()
 
     def test_concurrent_first_start_migrates_once(self, postgres, tmp_path):
         # Several workers starting together on an empty database: the advisory lock serialises
