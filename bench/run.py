@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import machine
 from bench.patients import all_patients, hook_body
 
-PARTS = ("inproc", "http", "fallback", "startup", "peer", "policy")
+PARTS = ("inproc", "http", "fallback", "startup", "peer", "policy", "memory")
 FULL_ITERATIONS = {"small": 2000, "typical": 1000, "large": 300}
 QUICK_ITERATIONS = {"small": 20, "typical": 20, "large": 10}
 PEER_ITERATIONS = {"small": 200, "typical": 40, "large": 5}
@@ -244,6 +244,13 @@ def main(argv: list[str] | None = None) -> int:
             f"| {_fmt(pr.hook_p50_ms)} | {_fmt(pr.hook_p99_ms)} | {_fmt(pr.without_read_p50_ms)} "
             f"| {_fmt(pr.without_read_p99_ms)} | {pr.share_p50 * 100:.1f}% |")
         out()
+
+    if "memory" in parts:
+        from bench.memory import run_memory
+
+        mem_lines, _ = run_memory(quick=args.quick, progress=lambda s: print(s, file=sys.stderr, flush=True))
+        for line in mem_lines:
+            out(line)
 
     if verdicts:
         out("## Targets")

@@ -86,7 +86,15 @@ class Settings:
     """Comma-separated card kinds in silent mode (low-b12, mma-test, b12-test), on every service."""
 
     # --- protocol limits -------------------------------------------------------------------
-    max_body_bytes: int = 5 * 1024 * 1024
+    max_body_bytes: int = 32 * 1024 * 1024
+    """Request body limit (413 above it).  Fits a 10,000-resource prefetch of resources averaging
+    up to 3.3 KiB: EHR-shaped resources (generated narrative, identifiers, local codes) average
+    1.8 KiB (bench/memory.py), so 10,000 of them are 18 MiB."""
+    body_budget_bytes: int = 0
+    """Bytes of request bodies one worker holds at once (being read, waiting for a thread, or in
+    the app); a request past it waits unread.  0: `body_budget_for(threads)`."""
+    body_budget_wait: float = 10.0
+    """Seconds a request waits for room in the body budget before a 503 with Retry-After."""
     max_json_depth: int = 64
     max_string_length: int = 4096
     max_header_bytes: int = 8192
@@ -170,6 +178,15 @@ class Settings:
         from cds_service.cors import OriginPolicy
 
         return OriginPolicy.parse(self.cors_origins)
+
+    def body_budget_for(self, threads: int) -> int:
+        """The body budget of a worker with `threads` app threads: `CDS_BODY_BUDGET_BYTES`, else
+        room for two bodies at the limit (one when the worker has a single thread).  A worker
+        runs Python on one core at a time, so more large requests at once add memory, not speed;
+        requests of typical size (300 KiB) still fill every thread."""
+        if self.body_budget_bytes > 0:
+            return self.body_budget_bytes
+        return min(max(threads, 1), 2) * self.max_body_bytes
 
     @property
     def fhir_allowlist_prefixes(self) -> list[str]:

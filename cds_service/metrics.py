@@ -20,6 +20,9 @@ CARDS_ISSUED = Counter("cds_cards_issued_total", "Cards returned, by card kind",
 CARDS_WITHHELD = Counter("cds_cards_withheld_total",
                          "Cards the rules chose but the alert policy withheld, by kind and delivery"
                          " (silent, suppressed, locked-out)", ["kind", "delivery"])
+BUSY_REFUSALS = Counter("cds_busy_refusals_total",
+                        "Requests answered 503 because the worker's body budget (CDS_BODY_BUDGET_BYTES)"
+                        " stayed full for CDS_BODY_BUDGET_WAIT seconds")
 FHIR_CALLS = Counter("cds_fhir_fallback_calls_total", "FHIR server requests made for missing prefetch")
 FHIR_FAILURES = Counter("cds_fhir_fallback_failures_total",
                         "Prefetch keys that could not be fetched from the FHIR server")

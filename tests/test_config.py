@@ -19,6 +19,18 @@ def test_readme_configuration_table_lists_exactly_the_settings():
     assert documented == fields
 
 
+def test_readme_numeric_defaults_are_the_settings_defaults():
+    cells = dict(re.findall(r"^\| `(CDS_[A-Z0-9_]+)` \| ([^|]*) \|", README.read_text(), re.MULTILINE))
+    defaults = Settings.from_env(environ={})
+    checked = 0
+    for f in dataclasses.fields(Settings):
+        cell = cells["CDS_" + f.name.upper()].strip()
+        if f.type in ("int", "float") and re.fullmatch(r"[0-9.]+", cell):
+            assert float(cell) == float(getattr(defaults, f.name)), f.name
+            checked += 1
+    assert checked >= 20  # the table's numbers are checked, not skipped
+
+
 def test_environment_and_overrides():
     env = {"CDS_OLDER_AGE_YEARS": "70", "CDS_AUTH_DISABLED": "yes", "CDS_FHIR_DEADLINE": "1.5",
            "CDS_FHIR_ALLOWLIST": "https://a.example/fhir, https://b.example/r4"}

@@ -160,7 +160,9 @@ def test_server_level_errors_are_json_outcomes_with_cors(server):
 def test_chunked_body_over_the_limit_is_413_and_counted(server):
     base, _ = server
     pv = f"{base}/cds-services/b12-neck-pain-patient-view"
-    body = b'{"hook": "patient-view"}' + b" " * (5 * 1024 * 1024 + 10)
+    from cds_service.config import Settings
+
+    body = b'{"hook": "patient-view"}' + b" " * (Settings().max_body_bytes + 10)
 
     def chunks():
         for i in range(0, len(body), 65536):
