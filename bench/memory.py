@@ -307,18 +307,20 @@ def report(results: list[ScenarioResult], sizes: list[tuple[int, float, float]])
               "identifier, the EHR's own code beside the standard one, encounter, performer), modelled "
               "on Oracle Health Millennium's published FHIR R4 example answers (bench/memory.py).", ""]
     lines += ["| scenario | body MiB | body limit MiB | budget MiB | requests (concurrent) | statuses "
-              "| p50 s | max s | worker at rest MiB | worker peak MiB | peak above rest MiB | after MiB |",
-              "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | --- | --- | ---: | --- |"]
+              "| wall s | p50 s | max s | worker at rest MiB | worker peak MiB | peak above rest MiB | after MiB |",
+              "| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- | --- | ---: | --- |"]
     for r in results:
         sc = r.scenario
         st = ", ".join(f"{k}: {v}" for k, v in sorted(r.statuses.items()))
         lines.append(
             f"| {sc.name} | {r.body_bytes / MIB:.1f} | {r.max_body_bytes / MIB:.0f} | {r.budget_bytes / MIB:.0f} "
-            f"| {sc.concurrency * sc.rounds} ({sc.concurrency}) | {st} "
+            f"| {sc.concurrency * sc.rounds} ({sc.concurrency}) | {st} | {r.wall_s:.1f} "
             f"| {percentile(r.latencies_ms, 0.5) / 1000:.1f} | {max(r.latencies_ms) / 1000:.1f} "
             f"| {', '.join(f'{x:.0f}' for x in r.worker_rest_mib)} | {', '.join(f'{x:.0f}' for x in r.worker_peak_mib)} "
             f"| {r.peak_growth_mib:.0f} | {', '.join(f'{x:.0f}' for x in r.worker_after_mib)} |")
-    lines.append("")
+    lines += ["", "Peak: the kernel's high-water mark of each worker's resident memory during the load "
+              "(`VmHWM`, reset after the warm-up); at rest: after warm-up calls; after: 0.5 s after the "
+              "last answer. 503: no room in the body budget within CDS_BODY_BUDGET_WAIT (10 s).", ""]
     for r in results:
         if r.bad_answers:
             lines.append(f"**{r.scenario.name}: unexpected answers**: {'; '.join(r.bad_answers[:3])}")
