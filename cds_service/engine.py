@@ -13,15 +13,16 @@ tests) the engine answers what the rules alone decide.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import cached_property, partial
 from datetime import datetime, timezone
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from cds_service import protocol
 from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts, RenderedCard
 from cds_service.config import Settings
-from cds_service.facts import PatientFacts, derive_facts
+from cds_service.facts import PatientFacts, derive_facts, resource_needed
 from cds_service.fhir_validation import ValidationVerdicts
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.record import PatientRecord
@@ -80,6 +81,12 @@ class ClinicalEngine:
     def valueset_codes(self, name: str) -> list[tuple[str, str]]:
         """Exact (system, code) pairs of value set `name` (see Knowledge.valueset_codes)."""
         return self.knowledge.valueset_codes(name)
+
+    @cached_property
+    def resource_needed(self) -> Callable[[Mapping[str, Any]], bool]:
+        """resource -> whether the rules can use it (judged from its head: `facts.HEAD_FIELDS`);
+        the gatherer drops, and never decodes, the resources for which this is False."""
+        return partial(resource_needed, self.knowledge)
 
     def evaluate(self, record: PatientRecord, request: protocol.HookRequest,
                  now: datetime | None = None, policy: PolicyStep | None = None) -> Evaluation:

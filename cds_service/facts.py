@@ -861,3 +861,77 @@ def _draft_orders(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
             match = _match_medication(knowledge, res, medications).get("b12-replacement")
             if match is not None and validator.ok(res, rtype):
                 col.add("b12-replacement", Evidence.of("b12-replacement", match, rtype, _s(res.get("id"))))
+
+
+# --- which resources the derivation can use -----------------------------------------------------
+
+HEAD_FIELDS: tuple[str, ...] = (
+    "resourceType", "id", "subject", "patient", "code", "valueCodeableConcept", "component",
+    "medicationCodeableConcept", "medicationReference",
+)
+"""The top-level fields `resource_needed` reads (plus those the gatherer's patient check reads):
+the *head* of a resource, which the gatherer decodes before deciding to decode the rest."""
+
+_ALWAYS_NEEDED = frozenset({"Patient", "Medication"})
+_OBSERVATION_SETS = LAB_SETS | FINDING_SETS
+
+
+def _coded_in(knowledge: Knowledge, concept: Any, sets: frozenset[str]) -> bool:
+    """Whether a coding of `concept` is in one of `sets` (by code alone: `_match_concept` may
+    still refuse a concept that needs supporting text, so this is the wider test)."""
+    if type(concept) is not dict:
+        return False
+    codings = concept.get("coding")
+    if type(codings) is not list:
+        return False
+    match = knowledge.match_code
+    for coding in codings:
+        if type(coding) is dict and not match(coding.get("system"), coding.get("code")).isdisjoint(sets):
+            return True
+    return False
+
+
+def resource_needed(knowledge: Knowledge, resource: Mapping[str, Any]) -> bool:
+    """Whether `derive_facts` could read anything from `resource`, judged from its head (the
+    `HEAD_FIELDS`; a full resource works too).  True is a superset of what the derivation uses:
+    it is the first test each per-type reader above applies (a code or text in one of its value
+    sets), before any status, date or validity check, so a resource for which this is False
+    contributes nothing to the facts and need not be decoded.  MedicationRequests/Statements
+    given by reference and every Patient and Medication are always needed."""
+    rtype = resource.get("resourceType")
+    if rtype == "Observation":  # most resources: vitals and other labs, read by code only
+        if _coded_in(knowledge, resource.get("code"), _OBSERVATION_SETS):
+            return True
+        value_cc = resource.get("valueCodeableConcept")
+        if value_cc is not None and _coded_in(knowledge, value_cc, FINDING_SETS):
+            return True
+        components = resource.get("component")
+        return type(components) is list and any(
+            type(comp) is dict and _coded_in(knowledge, comp.get("code"), LAB_SETS) for comp in components)
+    if rtype == "Condition":
+        code = resource.get("code")
+        return _coded_in(knowledge, code, CONDITION_SETS) or bool(_match_condition_text(knowledge, code))
+    if rtype in ("MedicationRequest", "MedicationStatement"):
+        # As `_match_medication` without a reference: the concept's codes, else its names.
+        if resource.get("medicationReference") is not None:
+            return True
+        concept = resource.get("medicationCodeableConcept")
+        return _coded_in(knowledge, concept, MEDICATION_SETS) or _named_in(knowledge, concept, MEDICATION_SETS)
+    if rtype == "Procedure":
+        return _coded_in(knowledge, resource.get("code"), _SURGERY_SETS)
+    if rtype == "ServiceRequest":
+        # As `_lab_order`: the test's code, else its name.
+        concept = resource.get("code")
+        return _coded_in(knowledge, concept, _LAB_ORDER_SETS) or _named_in(knowledge, concept, _LAB_ORDER_SETS)
+    return type(rtype) is str and rtype in _ALWAYS_NEEDED
+
+
+_SURGERY_SETS = frozenset({SURGERY_SET})
+_LAB_ORDER_SETS = frozenset({"b12-lab", "mma-lab"})
+
+
+def _named_in(knowledge: Knowledge, concept: Any, sets: frozenset[str]) -> bool:
+    """Whether the text or a coding's display of `concept` names one of `sets` (`match_text`)."""
+    if type(concept) is not dict:
+        return False
+    return any(text and not knowledge.match_text(text).isdisjoint(sets) for text in _concept_texts(concept))

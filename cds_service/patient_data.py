@@ -43,11 +43,11 @@ from urllib.parse import quote
 import orjson
 import requests
 
-from cds_service import facts, fhir_url
+from cds_service import facts, fhir_url, wire
 from cds_service.config import Settings
 from cds_service.deadline_http import JOIN_GRACE_SECONDS, AbortableAdapter, CallAbort
 from cds_service.logs import get_logger
-from cds_service.protocol import CdsError, HookRequest
+from cds_service.protocol import CdsError, HookRequest, invalid_json
 from cds_service.retry_after import retry_after_seconds
 from cds_service.record import PREFETCH_KEYS, REQUIRED_KEYS, PatientRecord, Resource
 
@@ -58,6 +58,11 @@ KNOWN_RESOURCE_TYPES: frozenset[str] = frozenset({
     "Procedure", "ServiceRequest", "Medication",
 })
 """Resource types the rules can use; anything else in a Bundle is skipped and counted."""
+Needed = Callable[[Mapping[str, Any]], bool]
+"""Whether the rules can use a resource, judged from its head (`facts.resource_needed`, bound to
+the engine's knowledge): a resource for which it is False is dropped (a raw one is never
+decoded)."""
+_HEADS = wire.HeadDecoder(facts.HEAD_FIELDS)
 
 SEARCH_COUNT = 100
 """`_count` of the unfiltered searches (page size; pages are followed up to fhir_max_pages)."""
@@ -235,6 +240,17 @@ class _FetchFailed(Exception):
     """One FHIR request failed; the message is a short reason fit for logs (no URL, no data)."""
 
 
+def _open_prefetch(value: Any) -> Any:
+    """A prefetch value as `gather` reads it: a raw one opened (`wire.open_prefetch_value`:
+    a `LazyBundle`, or the decoded value), anything else as it is."""
+    if not wire.is_raw(value):
+        return value
+    try:
+        return wire.open_prefetch_value(value, _HEADS)
+    except orjson.JSONDecodeError as err:
+        raise invalid_json(err) from None
+
+
 # ---------------------------------------------------------------------------------------------
 # Allowlist
 # ---------------------------------------------------------------------------------------------
@@ -280,6 +296,9 @@ def _needs_fetch(value: Any) -> bool:
     """An OperationOutcome, or a Bundle whose entries are all OperationOutcomes: not data."""
     if value is None:
         return False  # "no data"
+    if isinstance(value, wire.LazyBundle):
+        return bool(value.heads) and all(
+            head is not None and head.get("resourceType") == "OperationOutcome" for head in value.heads)
     if _is_outcome(value):
         return True
     if isinstance(value, dict) and value.get("resourceType") == "Bundle":
@@ -320,8 +339,10 @@ def _about_patient(resource: Resource, patient_id: str) -> bool:
     return False
 
 
-def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData) -> None:
-    """Keep structurally usable resources; count the rest (OperationOutcome entries are neither)."""
+def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData,
+            needed: Needed | None = None) -> None:
+    """Keep structurally usable resources the rules can use; count the unusable ones
+    (OperationOutcome entries, and resources the rules cannot use, are neither)."""
     keep = into.resources.append
     own_reference = f"Patient/{patient_id}"
     for res in candidates:  # runs for every resource: the common case is checked inline
@@ -332,9 +353,35 @@ def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData) -> None:
             subject = res.get("subject")
             if (type(subject) is dict and subject.get("reference") == own_reference) \
                     or _about_patient(res, patient_id):
-                keep(res)
+                if needed is None or needed(res):
+                    keep(res)
                 continue
         into.skipped += 1
+
+
+def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed: Needed | None) -> None:
+    """`_accept` for a Bundle still in raw form: the checks run on each resource's head and
+    only the resources kept are decoded (`CdsError(400)` if one is not valid JSON after all)."""
+    keep = into.resources.append
+    own_reference = f"Patient/{patient_id}"
+    try:
+        for index, head in enumerate(bundle.heads):
+            if head is None:  # no resource, not an object, or a head msgspec would read otherwise
+                _accept([bundle.resource(index)], patient_id, into, needed)
+                continue
+            rtype = head.get("resourceType")
+            if rtype == "OperationOutcome":
+                continue
+            if type(rtype) is str and rtype in KNOWN_RESOURCE_TYPES:
+                subject = head.get("subject")
+                if (type(subject) is dict and subject.get("reference") == own_reference) \
+                        or _about_patient(head, patient_id):
+                    if needed is None or needed(head):
+                        keep(bundle.resource(index))
+                    continue
+            into.skipped += 1
+    except orjson.JSONDecodeError as err:
+        raise invalid_json(err) from None
 
 
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -438,11 +485,16 @@ class PatientDataGatherer:
 
     # -- hook calls -----------------------------------------------------------------------------
 
-    def gather(self, request: HookRequest, templates: Mapping[str, str]) -> GatherResult:
+    def gather(self, request: HookRequest, templates: Mapping[str, str],
+               needed: Needed | None = None) -> GatherResult:
         """Resolve every template key from prefetch, else the FHIR server (see module doc).
 
+        With `needed` (the engine's `resource_needed`), only the resources the rules can use are
+        kept, and prefetched Bundles still in raw form (`wire`) are decoded only that far.
+
         Raises `CdsError(412)` when the Patient or Conditions cannot be had, or when data is
-        missing and `fhirServer` is not on the allowlist.  Never raises for wire problems.
+        missing and `fhirServer` is not on the allowlist; `CdsError(400)` when a raw prefetch
+        value turns out not to be valid JSON.  Never raises for wire problems.
         """
         started = time.monotonic()
         deadline = started + max(0.0, self.settings.fhir_deadline)
@@ -461,24 +513,29 @@ class PatientDataGatherer:
         to_fetch: list[str] = []
         to_continue: dict[str, str] = {}  # key -> next link of a prefetched Bundle
         skipped_prefetch = 0  # rejected single-resource prefetch values (fetched instead)
+        prefetch = {key: _open_prefetch(request.prefetch[key]) for key in templates if key in request.prefetch}
         for key in templates:
-            if key not in request.prefetch or _needs_fetch(request.prefetch[key]):
+            if key not in prefetch or _needs_fetch(prefetch[key]):
                 to_fetch.append(key)
                 continue
-            value = request.prefetch[key]
+            value = prefetch[key]
             kd = data[key] = _KeyData()
             if value is None:
                 continue  # the EHR has no data for this key
-            if value.get("resourceType") == "Bundle":
-                _accept(_bundle_resources(value), patient_id, kd)
-                nxt = _next_link(value)
+            if isinstance(value, wire.LazyBundle) or value.get("resourceType") == "Bundle":
+                if isinstance(value, wire.LazyBundle):
+                    _accept_raw(value, patient_id, kd, needed)
+                    nxt = _next_link({"link": value.link})
+                else:
+                    _accept(_bundle_resources(value), patient_id, kd, needed)
+                    nxt = _next_link(value)
                 if nxt and server_ok:
                     try:
                         to_continue[key] = _checked_next(nxt, server_url)  # type: ignore[arg-type]
                     except _FetchFailed as err:  # the token goes nowhere but under fhirServer
                         kd.ok, kd.reason = False, str(err)
             else:
-                _accept([value], patient_id, kd)
+                _accept([value], patient_id, kd)  # a single resource: kept whatever it is
                 if not kd.resources:  # a single resource of another patient or unknown type
                     del data[key]
                     to_fetch.append(key)

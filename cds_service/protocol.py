@@ -17,6 +17,8 @@ from typing import Any, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cds_service.wire import is_raw
+
 # ---------------------------------------------------------------------------------------------
 # Errors
 # ---------------------------------------------------------------------------------------------
@@ -70,6 +72,12 @@ def operation_outcome(status: int, diagnostics: str, *, expression: str | None =
 
 def bad_request(diagnostics: str, expression: str | None = None) -> CdsError:
     return CdsError(400, diagnostics, expression=expression)
+
+
+def invalid_json(err: Exception) -> CdsError:
+    """The 400 for a body that is not valid JSON, naming the parser's reason (its first part:
+    no position or excerpt of the body)."""
+    return CdsError(400, f"request body is not valid JSON ({str(err).split(':', 1)[0][:80]})")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -215,7 +223,7 @@ def parse_hook_request(body: Any, expected_hook: str, *, max_string_length: int 
         raise bad_request("prefetch must be an object", "prefetch")
     for key, value in prefetch.items():
         # Spec: each prefetch value is a FHIR resource (or Bundle), or null for "no data".
-        if value is not None and not isinstance(value, dict):
+        if value is not None and not isinstance(value, dict) and not is_raw(value):
             raise bad_request(f"prefetch.{key[:64]} must be a FHIR resource or null", f"prefetch.{key[:64]}")
     _check_extension(body, "")
 

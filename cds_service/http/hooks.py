@@ -20,7 +20,7 @@ import orjson
 from flask import Blueprint, Request, Response, g, request
 from werkzeug.exceptions import HTTPException
 
-from cds_service import metrics
+from cds_service import metrics, wire
 from cds_service.services import services
 from cds_service.http.errors import FRONT_ERROR_ENVIRON, front_error, json_response
 from cds_service.logs import get_logger
@@ -29,7 +29,7 @@ from cds_service.explain import explain
 from cds_service.facts import PatientFacts
 from cds_service.policy import PolicyOutcome
 from cds_service.rules import Decision
-from cds_service.protocol import CdsError, HookRequest, cards_response, parse_hook_request
+from cds_service.protocol import CdsError, HookRequest, cards_response, invalid_json, parse_hook_request
 from cds_service.store import IssuedCard
 
 blueprint = Blueprint("hooks", __name__)
@@ -113,11 +113,11 @@ def call_service(service_id: str) -> Response:
 def _evaluate_hook(svc: ServiceDefinition) -> Response:
     s = services()
     s.verifier.verify(request)
-    body = read_json_body(request, max_depth=s.settings.max_json_depth)
+    body = read_json_body(request, max_depth=s.settings.max_json_depth, lazy_prefetch=True)
     hook_request = parse_hook_request(body, svc.hook, max_string_length=s.settings.max_string_length)
     g.hook_instance = hook_request.hook_instance
 
-    gathered = s.patient_data.gather(hook_request, prefetch_templates(svc.hook))
+    gathered = s.patient_data.gather(hook_request, prefetch_templates(svc.hook), needed=s.engine.resource_needed)
     context = hook_request.context
 
     def policy(decision: Decision, facts: PatientFacts, now: datetime) -> PolicyOutcome | None:
@@ -182,8 +182,11 @@ def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evalu
             metrics.CARDS_WITHHELD.labels(card.kind, card.delivery).inc()
 
 
-def read_json_body(req: Request, *, max_depth: int) -> Any:
+def read_json_body(req: Request, *, max_depth: int, lazy_prefetch: bool = False) -> Any:
     """Parse a JSON request body: 415 if not JSON, 413 if too large, 400 if malformed or too deep.
+
+    With `lazy_prefetch` (hook calls), the values of `prefetch` that are JSON objects stay raw
+    JSON (`cds_service.wire`): the gatherer decodes only the resources the rules can use.
 
     The depth limit covers the request envelope (everything except the contents of `prefetch`
     values, which can be megabytes of FHIR data: walking them would cost more than parsing).
@@ -194,10 +197,12 @@ def read_json_body(req: Request, *, max_depth: int) -> Any:
     if mimetype not in JSON_CONTENT_TYPES:
         raise CdsError(415, "request body must be application/json")
     raw = read_body(req)
-    try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as err:
-        raise CdsError(400, f"request body is not valid JSON ({_short_reason(err)})") from None
+    body = wire.decode_hook_body(raw) if lazy_prefetch else None
+    if body is None:
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as err:
+            raise invalid_json(err) from None
     if isinstance(body, dict):
         envelope = {k: v for k, v in body.items() if k != "prefetch"}
         if isinstance(body.get("prefetch"), dict):
@@ -234,11 +239,6 @@ def read_body(req: Request) -> bytes:
     if size > limit:
         raise CdsError(413, "request body too large")
     return b"".join(chunks)
-
-
-def _short_reason(err: Exception) -> str:
-    text = str(err)
-    return text.split(":", 1)[0][:80]
 
 
 def json_depth(value: Any, limit: int) -> int:
