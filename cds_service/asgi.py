@@ -172,7 +172,10 @@ class WholeRequestFront:
             if len(body) < reserved:
                 self.budget.release(reserved - len(body))
                 reserved = len(body)
-            await self._hand_over(scope, body, receive, send)
+            # Handed over in a box that the front empties once the app has its copy: a local
+            # variable here would keep a second copy of the body alive for the whole request.
+            box, body = [body], None
+            await self._hand_over(scope, box, receive, send)
         finally:
             self.budget.release(reserved)
 
@@ -218,11 +221,13 @@ class WholeRequestFront:
                     "headers": [(n.lower().encode("latin-1"), v.encode("latin-1")) for n, v in headers]})
         await send({"type": "http.response.body", "body": body, "more_body": False})
 
-    async def _hand_over(self, scope: Scope, body: bytes, receive: Receive, send: Send,
+    async def _hand_over(self, scope: Scope, box: bytes | list[bytes], receive: Receive, send: Send,
                          error: int | None = None) -> None:
-        """Run the app on the complete request.  When the front refused the body (`error`),
-        the app gets an empty body and the `FRONT_ERROR_HEADER` and answers that status itself,
-        so it is logged, counted in /metrics and carries CORS like any other error."""
+        """Run the app on the complete request (`box`: the body, or a one-element list holding
+        it, emptied here so that only the app's copy stays alive).  When the front refused the
+        body (`error`), the app gets an empty body and the `FRONT_ERROR_HEADER` and answers that
+        status itself, so it is logged, counted in /metrics and carries CORS like any other error."""
+        body = box.pop() if isinstance(box, list) else box
         headers = [(n, v) for n, v in scope["headers"]
                    if n not in (b"content-length", b"transfer-encoding", FRONT_ERROR_HEADER)]
         headers.append((b"content-length", str(len(body)).encode()))

@@ -256,3 +256,44 @@ def test_a_refused_body_gives_its_reservation_back():
         assert front.budget.in_use == 0
 
     run(scenario())
+
+
+def test_while_the_app_runs_the_front_holds_no_second_copy_of_the_body():
+    import gc
+    import tracemalloc
+
+    size = 8 * 1024 * 1024
+    held: list[int] = []
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        raw = environ["wsgi.input"].read()
+        assert len(raw) == size
+        gc.collect()
+        held.append(tracemalloc.get_traced_memory()[0])
+        start_response("200 OK", [("Content-Type", "application/json")])
+        return [b"{}"]
+
+    front = WholeRequestFront(app, Settings.from_env(environ={}), threads=1)
+
+    async def scenario():
+        left = [size]
+
+        async def receive() -> dict:
+            if left[0] > 0:  # the body arrives in 64 KiB chunks, as gunicorn delivers it
+                n = min(65536, left[0])
+                left[0] -= n
+                return {"type": "http.request", "body": b"x" * n, "more_body": left[0] > 0}
+            await asyncio.sleep(3600)
+            return {"type": "http.disconnect"}
+
+        async def send(message: dict) -> None:
+            pass
+
+        await front(scope("/cds-services/x", size), receive, send)
+
+    tracemalloc.start()
+    try:
+        run(scenario())
+    finally:
+        tracemalloc.stop()
+    assert held and held[0] < 1.5 * size  # the app's copy only (the front's was 2x)
