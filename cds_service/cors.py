@@ -12,17 +12,33 @@ Accepted forms, comma-separated:
 Nothing else is accepted (no paths, no other wildcards, no regular expressions): every entry
 becomes a fully anchored pattern, so `https://*.example.org` cannot match
 `https://xexample.org.attacker.net`.  A malformed entry stops the service at start.
+
+`OriginPolicy.answer_headers` gives the CORS headers of every answer the Flask app writes
+(preflight included).  It replaced flask-cors on the hook path, whose per-answer work was a
+measurable part of a hook call's fixed cost; it answers exactly what flask-cors 6 answered with
+the settings the service used (`origins` from this policy, `send_wildcard` when any origin is
+allowed, `allow_headers` `Content-Type` and `Authorization`, methods GET/OPTIONS/POST,
+`max_age` 600): tests/test_cors.py compares the two on every kind of request.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 _LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
 _ENTRY = re.compile(
     r"^(?P<scheme>https?)://(?P<wild>\*\.)?(?P<host>" + _LABEL + r"(?:\." + _LABEL + r")*|\[[0-9a-f:.]+\])"
     r"(?P<port>:[0-9]{1,5})?$")
+
+
+PREFLIGHT_METHODS = "GET, OPTIONS, POST"
+"""`Access-Control-Allow-Methods` (flask-cors's form: sorted, comma-separated)."""
+PREFLIGHT_HEADERS = ("content-type", "authorization")
+"""Request headers a preflight may ask for (compared case-insensitively)."""
+PREFLIGHT_MAX_AGE = "600"
+"""Seconds a browser may cache a preflight answer."""
 
 
 @dataclass(frozen=True)
@@ -48,8 +64,40 @@ class OriginPolicy:
         return bool(origin) and any(p.match(origin) for p in self.patterns)
 
     def flask_cors_origins(self) -> str | list[re.Pattern[str]]:
-        """The `origins` argument for flask-cors (compiled patterns are matched as they are)."""
+        """The `origins` argument flask-cors would take (the reference the tests compare with)."""
         return "*" if self.allow_all else list(self.patterns)
+
+    def answer_headers(self, environ: Mapping[str, str]) -> list[tuple[str, str]]:
+        """CORS headers for an answer of the Flask app to the request described by the WSGI
+        `environ` (read directly: werkzeug's header view costs more than the whole check).
+
+        Any origin allowed: `Access-Control-Allow-Origin: *` on every answer, whether or not the
+        request named an origin.  Otherwise only a request whose `Origin` matches gets headers
+        (its origin echoed, `Vary: Origin`); a missing or refused origin gets none.  A preflight
+        (OPTIONS whose `Access-Control-Request-Method` is one of ours) also gets the allowed
+        methods, the requested headers we accept, and `Access-Control-Max-Age`.
+        """
+        origin = environ.get("HTTP_ORIGIN")
+        if self.allow_all:
+            headers = [("Access-Control-Allow-Origin", "*")]
+        elif origin and any(p.match(origin) for p in self.patterns):
+            headers = [("Access-Control-Allow-Origin", origin)]
+        else:
+            return []
+        if environ.get("HTTP_ACCESS_CONTROL_REQUEST_PRIVATE_NETWORK") == "true":
+            headers.append(("Access-Control-Allow-Private-Network", "false"))
+        if environ.get("REQUEST_METHOD", "GET").upper() == "OPTIONS":
+            requested = environ.get("HTTP_ACCESS_CONTROL_REQUEST_METHOD", "").upper()
+            # A substring test, as flask-cors makes it (`"POST" in "GET, OPTIONS, POST"`).
+            if requested and requested in PREFLIGHT_METHODS:
+                allowed = _allowed_request_headers(environ.get("HTTP_ACCESS_CONTROL_REQUEST_HEADERS"))
+                if allowed:
+                    headers.append(("Access-Control-Allow-Headers", allowed))
+                headers.append(("Access-Control-Max-Age", PREFLIGHT_MAX_AGE))
+                headers.append(("Access-Control-Allow-Methods", PREFLIGHT_METHODS))
+        if not self.allow_all:
+            headers.append(("Vary", "Origin"))
+        return headers
 
     def response_headers(self, origin: str | None) -> list[tuple[str, str]]:
         """CORS headers for an answer the service writes itself, outside Flask (server-level
@@ -59,6 +107,14 @@ class OriginPolicy:
         if origin and self.allows(origin):
             return [("Access-Control-Allow-Origin", origin), ("Vary", "Origin")]
         return [("Vary", "Origin")]
+
+
+def _allowed_request_headers(requested: str | None) -> str:
+    """The requested headers we accept, as the client spelled them, sorted, comma-separated."""
+    if not requested:
+        return ""
+    names = (h.strip() for h in requested.split(","))
+    return ", ".join(sorted(h for h in names if h.casefold() in PREFLIGHT_HEADERS))
 
 
 def _compile(entry: str) -> re.Pattern[str]:

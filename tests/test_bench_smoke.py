@@ -68,3 +68,19 @@ def test_card_building_harness_compares_the_same_cards() -> None:
     kinds = " ".join(name for name, _, _ in rows)
     assert all(k in kinds for k in ("b12-test", "low-b12", "mma-test", "pregnancy"))
     assert all(math.isfinite(t_old) and math.isfinite(t_new) and t_new > 0 for _, t_old, t_new in rows)
+
+
+def test_ab_harness_compares_this_checkout_with_a_revision() -> None:
+    """`bench.ab` imports HEAD beside this checkout and prints its three rows (in a subprocess:
+    the second package and its metrics stay out of this test process)."""
+    import subprocess
+    import sys
+
+    from bench.common import REPO_ROOT
+
+    out = subprocess.run([sys.executable, "-m", "bench.ab", "--against", "HEAD", "--calls", "20"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line for line in out.splitlines() if line.startswith("| ") and not line.startswith("| row")]
+    assert [row.split(" | ")[0] for row in rows] == ["| fixed", "| fixed, Origin", "| small patient"]
+    for row in rows:
+        assert row.rstrip(" |").endswith("x")

@@ -47,3 +47,23 @@ def test_fhir_fallback_calls_and_failures_are_counted(make_app):
         assert resp.status_code == 200
     assert metric(client, "cds_fhir_fallback_calls_total") >= calls0 + 9
     assert metric(client, "cds_fhir_fallback_failures_total") == fails0 + 7
+
+
+def test_hook_requests_and_latency_are_counted_per_service_and_status(client):
+    """Each call lands in its own (service, status) series, however calls of different services
+    and outcomes interleave."""
+    pv, os_ = "b12-neck-pain-patient-view", "b12-neck-pain-order-sign"
+    series = [(pv, "412"), (pv, "400"), (os_, "400")]
+
+    def counts() -> list[tuple[float, float]]:
+        return [(metric(client, "cds_requests_total", f'{{service="{s}",status="{st}"}}'),
+                 metric(client, "cds_request_duration_seconds_count", f'{{service="{s}",status="{st}"}}'))
+                for s, st in series]
+
+    before = counts()
+    for _ in range(3):
+        assert client.post(PV, json=hook_body(prefetch={"patient": None})).status_code == 412
+        assert client.post(PV, data=b"{", content_type="application/json").status_code == 400
+    assert client.post(f"/cds-services/{os_}", data=b"[", content_type="application/json").status_code == 400
+    after = counts()
+    assert [(a[0] - b[0], a[1] - b[1]) for a, b in zip(after, before)] == [(3, 3), (3, 3), (1, 1)]

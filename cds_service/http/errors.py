@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import orjson
 from flask import Flask, Response, g, request
-from flask_cors import CORS
 from werkzeug.exceptions import HTTPException
 
 from cds_service.logs import get_logger
@@ -47,6 +46,25 @@ BODY_READING_ENDPOINTS = frozenset({"hooks.call_service", "feedback.post_feedbac
 authentication, and counted in /metrics per service)."""
 
 
+def oversized_header(environ: dict[str, object], max_bytes: int) -> str | None:
+    """The name of the first request header whose `name: value` line is longer than `max_bytes`
+    (as werkzeug spells the name), else None.  Reads the WSGI environ directly: iterating
+    `request.headers` rebuilds every name and cost more than the rest of the check."""
+    for key, value in environ.items():
+        if key.startswith("HTTP_"):
+            if len(key) - 5 + len(value) + 2 > max_bytes and key not in _ENVIRON_BODY_HEADERS:  # type: ignore[arg-type]
+                return key[5:].replace("_", "-").title()
+        elif key in _BODY_HEADERS and value and len(key) + len(value) + 2 > max_bytes:  # type: ignore[arg-type]
+            return key.replace("_", "-").title()
+    return None
+
+
+_BODY_HEADERS = frozenset({"CONTENT_TYPE", "CONTENT_LENGTH"})
+_ENVIRON_BODY_HEADERS = frozenset({"HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"})
+"""werkzeug's `request.headers` lists the body headers from CONTENT_TYPE / CONTENT_LENGTH and
+skips their HTTP_ copies; `oversized_header` looks at the same set."""
+
+
 def json_response(payload: object, status: int = 200) -> Response:
     """Serialise with orjson (the hook path's JSON is large; orjson is several times faster)."""
     return Response(orjson.dumps(payload), status=status, mimetype="application/json")
@@ -57,19 +75,11 @@ def outcome_response(status: int, diagnostics: str, **kwargs: object) -> Respons
 
 
 def register(app: Flask) -> None:
-    """Install CORS (all routes, errors and preflight included), the request-size checks, the
-    security headers and the JSON error handlers."""
+    """Install the request-size checks, the per-answer headers (security, CORS: on every answer,
+    errors and preflight included), the 4xx log line and the JSON error handlers."""
     settings = app.extensions["cds"].settings
-    policy = settings.cors_policy
+    cors_headers = settings.cors_policy.answer_headers
     max_header_bytes = settings.max_header_bytes
-    CORS(
-        app,
-        origins=policy.flask_cors_origins(),
-        send_wildcard=policy.allow_all,
-        allow_headers=["Content-Type", "Authorization"],
-        methods=["GET", "POST", "OPTIONS"],
-        max_age=600,
-    )
 
     @app.before_request
     def _check_request_limits() -> None:
@@ -80,26 +90,33 @@ def register(app: Flask) -> None:
             len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")) + 1)
         if line > max_header_bytes:
             raise CdsError(431, f"request line longer than {max_header_bytes} bytes")
-        for name, value in request.headers.items():
-            if len(name) + len(value) + 2 > max_header_bytes:
-                # The name only: the value may be a token.
-                raise CdsError(431, f"header {name[:64]!r} longer than {max_header_bytes} bytes")
+        name = oversized_header(environ, max_header_bytes)
+        if name is not None:
+            # The name only: the value may be a token.
+            raise CdsError(431, f"header {name[:64]!r} longer than {max_header_bytes} bytes")
 
     @app.after_request
-    def _security_headers(response: Response) -> Response:
-        for name, value in SECURITY_HEADERS:
-            response.headers.setdefault(name, value)
-        return response
-
-    @app.after_request
-    def _log_client_error(response: Response) -> Response:
-        # Every 4xx leaves a line on the service side, so an integrator whose EHR got one can see
-        # why.  The reason is our own diagnostics (field names, limits), never request values.
-        if 400 <= response.status_code < 500:
+    def _finish_answer(response: Response) -> Response:
+        # One hook for what every answer gets (three separate ones cost a visible part of a
+        # small hook call), in the order they ran as separate hooks.
+        status = response.status_code
+        if 400 <= status < 500:
+            # Every 4xx leaves a line on the service side, so an integrator whose EHR got one can
+            # see why.  The reason is our own diagnostics (field names, limits), never request values.
             log.warning("client_error", extra={
-                "event": "client_error", "status": response.status_code, "method": request.method,
+                "event": "client_error", "status": status, "method": request.method,
                 "path": request.path[:200], "hook_instance": g.get("hook_instance"),
-                "reason": g.get("error_reason", HTTP_MESSAGES.get(response.status_code))})
+                "reason": g.get("error_reason", HTTP_MESSAGES.get(status))})
+        # The names present, from one pass over the headers: werkzeug's `in` and `setdefault`
+        # build an exception object for every absent name, the usual case here.
+        headers = response.headers
+        present = {name.lower() for name, _ in headers}
+        for name, value in SECURITY_HEADERS:
+            if name.lower() not in present:
+                headers.add(name, value)
+        if "access-control-allow-origin" not in present:  # a view may have answered CORS itself
+            for name, value in cors_headers(request.environ):
+                headers.add(name, value)
         return response
 
     @app.errorhandler(CdsError)

@@ -8,6 +8,7 @@ cards), record the cards the rules chose (shown or withheld), answer.
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from werkzeug.exceptions import HTTPException
 from cds_service import metrics, wire
 from cds_service.services import services
 from cds_service.http.errors import FRONT_ERROR_ENVIRON, front_error, json_response
-from cds_service.logs import get_logger
+from cds_service.logs import get_logger, write_event
 from cds_service.engine import Evaluation
 from cds_service.explain import explain
 from cds_service.facts import PatientFacts
@@ -103,11 +104,23 @@ def call_service(service_id: str) -> Response:
         raise
     finally:
         elapsed = time.perf_counter() - started
-        metrics.REQUESTS.labels(service_id, str(status)).inc()
-        metrics.LATENCY.labels(service_id, str(status)).observe(elapsed)
-        log.info("hook", extra={"event": "hook", "service": service_id, "status": status,
-                                "hook_instance": g.get("hook_instance"),
-                                "duration_ms": round(elapsed * 1000, 2), **g.get("log_counts", {})})
+        requests_counted, latency = _hook_metrics(service_id, status)
+        requests_counted.inc()
+        latency.observe(elapsed)
+        if log.isEnabledFor(logging.INFO):
+            fields = {"event": "hook", "service": service_id, "status": status,
+                      "hook_instance": g.get("hook_instance"), "duration_ms": round(elapsed * 1000, 2)}
+            fields.update(g.get("log_counts", ()))
+            write_event(log, logging.INFO, "hook", fields)
+
+
+@lru_cache(maxsize=256)
+def _hook_metrics(service_id: str, status: int) -> tuple[Any, Any]:
+    """The request counter and latency histogram of one (service, status): prometheus-client's
+    `labels()` takes a lock and builds the key on every call.  Only known services get here (the
+    404 above comes first) and statuses are few, so the cache stays small."""
+    return (metrics.REQUESTS.labels(service_id, str(status)),
+            metrics.LATENCY.labels(service_id, str(status)))
 
 
 def _evaluate_hook(svc: ServiceDefinition) -> Response:
