@@ -152,6 +152,10 @@ _ISSUED_COLUMNS = ("card_uuid, service_id, kind, hook_instance, patient_hash, is
 _ISSUED_ROW = "(" + ", ".join("?" * (_ISSUED_COLUMNS.count(",") + 1)) + ")"
 
 
+_MAX_ROWS_PER_INSERT = 500
+"""Rows per multi-row INSERT: 5,500 parameters, within SQLite's and PostgreSQL's limits."""
+
+
 @lru_cache(maxsize=16)
 def _insert_issued_sql(rows: int) -> str:
     """The multi-row INSERT of `rows` issued cards (the text is cached: SQLite and psycopg then
@@ -480,12 +484,17 @@ class Store:
         patient = self.patient_hash(patient_id)
         encounter = self.encounter_hash(encounter_id) if encounter_id else None
         now = utc_now_text()
-        params: list[Any] = []
-        for card in cards:
-            params += (card.card_uuid, service_id, card.kind, hook_instance, patient, now,
-                       card.delivery, encounter, card.situation, card.withheld_by,
-                       orjson.dumps(list(dict.fromkeys(card.suggestion_uuids))).decode())
-        self._write(_insert_issued_sql(len(cards)), params, retry=True)
+        rows = [(card.card_uuid, service_id, card.kind, hook_instance, patient, now, card.delivery,
+                 encounter, card.situation, card.withheld_by,
+                 orjson.dumps(list(dict.fromkeys(card.suggestion_uuids))).decode())
+                for card in cards]
+        if len(rows) <= _MAX_ROWS_PER_INSERT:  # a hook call: a few cards
+            self._write(_insert_issued_sql(len(rows)), [v for row in rows for v in row], retry=True)
+            return
+        with self._transaction(durable=False) as cur:  # bulk (seeding, tests): still atomic
+            for start in range(0, len(rows), _MAX_ROWS_PER_INSERT):
+                chunk = rows[start:start + _MAX_ROWS_PER_INSERT]
+                cur.execute(_insert_issued_sql(len(chunk)), [v for row in chunk for v in row])
 
     # ---------------------------------------------------------------------------------------
     # Alert policy: suppressions and the encounter lockout

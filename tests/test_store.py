@@ -107,6 +107,15 @@ class StoreContract:
         kinds = {k["kind"]: k for k in store.feedback_report()["kinds"]}
         assert (kinds["kind-a"]["issued"], kinds["kind-a"]["suppressed"], kinds["kind-b"]["issued"]) == (1, 1, 1)
 
+    def test_many_cards_at_once_are_all_recorded(self, store):
+        """More cards than one INSERT takes (seeding): recorded in chunks, in one transaction."""
+        cards = [IssuedCard(f"bulk-{i}", "kind-a", (f"bulk-{i}-s",)) for i in range(1234)]
+        store.record_issued_cards(SVC, "seed", "p", cards)
+        assert store.feedback_report()["totals"]["issued"] == 1234
+        result = store.save_feedback(SVC, [accepted("bulk-0", "bulk-0-s"), accepted("bulk-1233", "bulk-1233-s")])
+        assert result.unknown_cards == ()
+        assert not any(r["unknown_suggestions"] for r in store.feedback_rows())
+
     def test_migration_to_v3_keeps_earlier_cards_suggestions_and_encounters(self, open_store, monkeypatch):
         """A database written by schema v2 (suggestions in `issued_suggestions`, every card in
         the encounter index): after the migration feedback still finds the old cards'
