@@ -206,6 +206,7 @@ class CardBuilder:
             for kind, reasons in self._override_reasons.items()}
         self._suggestion_texts: dict[str, Any] = {}
         self._advice: dict[str, str] = {}
+        self._band_texts: dict[tuple[str, str], str] = {}
         self._check_shared_parts()
 
     # -- public -------------------------------------------------------------------------------
@@ -445,19 +446,27 @@ class CardBuilder:
             return head
         s = self.settings
         band = band_b12(r, s)
-        labels = c["band_labels_active"] if r.analyte == "active-b12" else c["band_labels"]
-        low, high = cut_offs(r, s)
         key = band or "unbanded"
         if band == "indeterminate" and r.comparator in ("<", "<="):
             key = "low_or_indeterminate"
-        bound = ""
         if key == "low_or_indeterminate":
             v = r.canonical if r.canonical is not None else r.value_ng_l
             bound = f"{format_number(Decimal(str(v)))} {r.canonical_unit or 'ng/L'}"
-        text = f"{head}: {labels[key].format(low=_num(low), high=_num(high), bound=bound)}"
+            banded = self._band_text(r, key, bound)
+        else:  # the card file and the analyte's cut-offs (rules.cut_offs) decide it: filled once
+            banded = self._band_texts.get((r.analyte, key))
+            if banded is None:
+                banded = self._band_texts[(r.analyte, key)] = self._band_text(r, key, "")
+        text = f"{head}: {banded}"
         if facts.pregnancy and r.analyte == "b12":
             text += f"; {c['pregnancy_total_note']}"
         return text
+
+    def _band_text(self, r: LabResult, key: str, bound: str) -> str:
+        """The band label `key` ("low", "normal"...) with the cut-offs of `r`'s analyte filled in."""
+        labels = self.texts.common["band_labels_active" if r.analyte == "active-b12" else "band_labels"]
+        low, high = cut_offs(r, self.settings)
+        return labels[key].format(low=_num(low), high=_num(high), bound=bound)
 
     # -- suggestion ---------------------------------------------------------------------------
     def _suggestion(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
