@@ -129,8 +129,8 @@ class CardTexts:
 @dataclass(frozen=True, slots=True)
 class RenderedCard:
     """One card as the service answers it: `json` is the CDS Hooks card object, in the member
-    order of `protocol.Card`, with optional members left out.  Read-only: its source, links and
-    override reasons are shared with every card of the same builder."""
+    order of `protocol.Card`, with optional members left out.  Read-only: its source and the
+    objects in its links and override reasons are shared with every card of the same builder."""
 
     json: dict[str, Any]
     suggestion_uuids: tuple[str, ...] = ()
@@ -317,7 +317,6 @@ class CardBuilder:
                 labels: list[str]) -> str:
         c = self.texts.common
         h = c["headings"]
-        s = self.settings
         parts: list[str] = []
         if facts.red_flags:  # red flags first: urgent assessment takes priority
             # With a low B12 already known, B12 is not "checked alongside": the advice is to treat.
@@ -506,8 +505,9 @@ class CardBuilder:
             loinc, vs, texts = codes[0][1], ACTIVE_B12_VALUESET, spec["suggestion_active"]
         else:
             loinc, vs = self.settings.b12_order_loinc, "b12-lab"
-        found = _SuggestionTexts(loinc=loinc, display=self.knowledge.display(vs, LOINC, loinc) or texts["code_text"],
-                                 code_text=texts["code_text"], label=texts["label"], action=texts["action"])
+        display = self.knowledge.display(vs, LOINC, loinc) or texts["code_text"]
+        found = _SuggestionTexts(loinc=loinc, display=display, code_text=texts["code_text"], label=texts["label"],
+                                 action=texts["action"])
         self._suggestion_texts[key] = found
         return found
 
