@@ -11,6 +11,8 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Mapping
+from typing import Any
 
 import orjson
 
@@ -34,20 +36,20 @@ class JsonFormatter(logging.Formatter):
         """The last whole second formatted and its text (one tuple: threads swap it atomically)."""
 
     def format(self, record: logging.LogRecord) -> str:
-        second = int(record.created)
+        # The record's own attributes are what `extra=` set (`getattr(record, name, None)` raised
+        # and caught an AttributeError for each absent field, most of the formatter's time).
+        return self.line(record.created, record.msecs, record.levelname, record.name,
+                         record.getMessage() if not record.args else record.msg, record.__dict__)
+
+    def line(self, created: float, msecs: float, levelname: str, logger: str, msg: object,
+             attributes: Mapping[str, object]) -> str:
+        """The line for a record with these attributes (`attributes` holds the fields)."""
+        second = int(created)
         cached, text = self._second
         if cached != second:
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = (second, text)
-        entry = {
-            "ts": f"{text}.{int(record.msecs):03d}Z",
-            "level": record.levelname.lower(),
-            "logger": record.name,
-            "msg": record.getMessage() if not record.args else record.msg,
-        }
-        # The record's own attributes (what `extra=` set): `getattr(record, name, None)` raised
-        # and caught an AttributeError for each absent field, most of the formatter's time.
-        attributes = record.__dict__
+        entry = {"ts": f"{text}.{int(msecs):03d}Z", "level": levelname.lower(), "logger": logger, "msg": msg}
         for name in ALLOWED_FIELDS:
             value = attributes.get(name)
             if value is not None:
@@ -56,20 +58,63 @@ class JsonFormatter(logging.Formatter):
 
 
 def write_event(logger: logging.Logger, level: int, msg: str, fields: dict[str, object]) -> None:
-    """`logger.log(level, msg, extra=fields)` with less work, for a line written on every hook
-    call: the caller's frame is taken directly instead of searched for on the stack, and the
-    fields are set on the record in one update instead of one checked assignment each (they are
-    `ALLOWED_FIELDS` names, none of which is a LogRecord attribute).  The record is made by the
-    record factory and handled by `logger.handle`, so levels, filters, handlers and
-    propagation treat it as any other record."""
+    """`logger.log(level, msg, extra=fields)` with less work, for the line of every hook call
+    (`fields` are `ALLOWED_FIELDS` names, none of which is a LogRecord attribute).
+
+    When the line's only destination is the service's own JSON handler (as `configure` sets it
+    up, and nothing added since: no other handler on the way, no filter, no custom record
+    factory), the line is formatted from `fields` and written under the handler's lock exactly
+    as the handler would write the record, without making one: the same text, a fraction of the
+    work.  Otherwise a record is made by the record factory (the caller's frame taken directly,
+    the fields set in one update) and handled by `logger.handle`, like any other record.
+    """
     if not logger.isEnabledFor(level):
         return
-    caller = sys._getframe(1)
+    handler = _sole_json_handler(logger, level)
+    if handler is not None:
+        created = time.time()
+        text = handler.formatter.line(  # type: ignore[union-attr]
+            created, (created - int(created)) * 1000, logging.getLevelName(level), logger.name, msg, fields)
+        with handler.lock:  # type: ignore[union-attr]
+            try:
+                handler.stream.write(text + handler.terminator)
+                handler.flush()
+            except RecursionError:
+                raise
+            except Exception:
+                handler.handleError(_record(logger, level, msg, fields, sys._getframe(1)))
+        return
+    logger.handle(_record(logger, level, msg, fields, sys._getframe(1)))
+
+
+def _record(logger: logging.Logger, level: int, msg: str, fields: dict[str, object],
+            caller: Any) -> logging.LogRecord:
     code = caller.f_code
     record = logging.getLogRecordFactory()(logger.name, level, code.co_filename, caller.f_lineno, msg, (),
                                            None, code.co_name)
     record.__dict__.update(fields)
-    logger.handle(record)
+    return record
+
+
+def _sole_json_handler(logger: logging.Logger, level: int) -> logging.StreamHandler | None:
+    """The service's JSON handler if a record of `logger` at `level` would reach it and nothing
+    else would see the record (what `Logger.handle` and `callHandlers` check), else None."""
+    if logger.disabled or logger.filters or logging.getLogRecordFactory() is not logging.LogRecord:
+        return None
+    found = None
+    current: logging.Logger | None = logger
+    while current is not None:
+        for handler in current.handlers:
+            if found is not None or not getattr(handler, "_cds_json", False):
+                return None
+            found = handler
+        if not current.propagate:
+            break
+        current = current.parent
+    if (found is None or level < found.level or found.filters or type(found) is not logging.StreamHandler
+            or type(found.formatter) is not JsonFormatter):
+        return None
+    return found  # type: ignore[return-value]
 
 
 def configure(level: str = "INFO") -> logging.Logger:

@@ -230,3 +230,28 @@ def test_a_refused_body_from_the_front_is_answered_by_the_app(client):
         assert_outcome(resp, status)
         assert resp.headers["Access-Control-Allow-Origin"] == "*"
         assert_outcome(client.get("/healthz", environ_overrides={"HTTP_X_CDS_FRONT_ERROR": marker}), status)
+
+
+@pytest.mark.parametrize("name", ["X-Big", "Authorization", "Content-Type", "Cookie"])
+@pytest.mark.parametrize("excess", [-1, 0, 1])
+def test_the_header_size_check_measures_what_werkzeug_lists(name, excess):
+    """`oversized_header` reads the WSGI environ; it must judge exactly the `name: value` lines
+    werkzeug's `request.headers` gives (body headers from CONTENT_*, not their HTTP_ copies)."""
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    from cds_service.http.errors import oversized_header
+
+    limit = 1024
+    value = "v" * (limit - len(name) - 2 + excess)
+    headers = {"Origin": "https://ehr.example.org"}
+    if name == "Content-Type":  # werkzeug's builder takes it apart from the other headers
+        content_type = "application/json;x=" + value[len("application/json;x="):]
+    else:
+        content_type, headers[name] = "application/json", value
+    environ = EnvironBuilder(path="/cds-services", method="POST", data=b"{}", content_type=content_type,
+                             headers=headers).get_environ()
+    environ["HTTP_CONTENT_TYPE"] = "w" * 2000  # a duplicate werkzeug does not list
+    expected = next((n for n, v in Request(environ).headers.items() if len(n) + len(v) + 2 > limit), None)
+    assert oversized_header(environ, limit) == expected
+    assert (expected is not None) == (excess > 0)

@@ -8,6 +8,8 @@ import logging
 import time
 from datetime import date
 
+import pytest
+
 from cds_service.demo_data import demo_resources
 from cds_service.logs import ALLOWED_FIELDS, JsonFormatter
 from tests.log_capture import service_log  # noqa: F401 (fixture)
@@ -117,3 +119,108 @@ def test_write_event_makes_the_record_logger_log_would(service_log):
     finally:
         logger.filters.clear()
     assert len(service_log.records) == 2
+
+
+class SoleJsonHandler:
+    """The package logger as `logs.configure` leaves it in production: its JSON handler only
+    (pytest attaches its own capture handlers; they are taken off for the block), writing to a
+    StringIO."""
+
+    def __enter__(self):
+        import io
+
+        self.package = logging.getLogger("cds_service")
+        self.saved = list(self.package.handlers)
+        (self.handler,) = [h for h in self.saved if getattr(h, "_cds_json", False)]
+        self.package.handlers[:] = [self.handler]
+        self.stream = io.StringIO()
+        self.saved_stream = self.handler.setStream(self.stream)
+        return self
+
+    def __exit__(self, *exc):
+        self.handler.setStream(self.saved_stream)
+        self.package.handlers[:] = self.saved
+
+    def lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.stream.getvalue().splitlines()]
+
+
+FIELDS = {"event": "hook", "service": "svc", "status": 200, "hook_instance": "h-2", "duration_ms": 1.25,
+          "cards": 1, "card_kinds": ["b12-test"], "reason": None, "policy": "shown"}
+
+
+def test_write_event_to_the_sole_json_handler_writes_the_line_without_a_record(client, monkeypatch):
+    from cds_service import logs
+
+    logger = logs.get_logger("hooks")
+    with SoleJsonHandler() as sole:
+        logger.info("hook", extra=FIELDS)
+        monkeypatch.setattr(logs, "_record", lambda *a: pytest.fail("a record was made"))
+        logs.write_event(logger, logging.INFO, "hook", FIELDS)
+        logs.write_event(logger, logging.DEBUG, "hook", FIELDS)  # below the level: nothing
+        via_info, via_event = sole.lines()
+        assert via_info.pop("ts")[:16] == via_event.pop("ts")[:16]
+        assert list(via_event) == list(via_info) and via_event == via_info
+        # A real hook call writes its line this way too.
+        assert client.post(PV, data=b"{", content_type="application/json").status_code == 400
+        hook = [line for line in sole.lines()[2:] if line["event"] == "hook"]
+        assert [(line["status"], line["service"]) for line in hook] == [(400, "b12-neck-pain-patient-view")]
+
+
+@pytest.mark.parametrize("change", ["other handler", "handler filter", "logger filter", "handler level",
+                                    "logger disabled", "record factory"])
+def test_write_event_leaves_the_shortcut_whenever_someone_else_could_see_the_record(change, monkeypatch):
+    from cds_service import logs
+
+    logger = logs.get_logger("hooks")
+    seen: list[logging.LogRecord] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record):
+            seen.append(record)
+
+    def refuse(record):
+        seen.append(record)
+        return False
+
+    with SoleJsonHandler() as sole:
+        if change == "other handler":
+            logger.addHandler(Collect())
+        elif change == "handler filter":
+            sole.handler.addFilter(refuse)
+        elif change == "logger filter":
+            logger.addFilter(refuse)
+        elif change == "handler level":
+            monkeypatch.setattr(sole.handler, "level", logging.WARNING)
+        elif change == "logger disabled":  # what logging.config does to loggers it was not told about
+            monkeypatch.setattr(logger, "disabled", True)
+        elif change == "record factory":
+            factory = logging.getLogRecordFactory()
+            monkeypatch.setattr(logging, "_logRecordFactory", lambda *a, **k: seen.append(1) or factory(*a, **k))
+        try:
+            logs.write_event(logger, logging.INFO, "hook", FIELDS)
+        finally:
+            logger.handlers.clear(), logger.filters.clear(), sole.handler.filters.clear()
+        records_seen, lines_written = {"other handler": (1, 1), "handler filter": (1, 0), "logger filter": (1, 0),
+                                       "handler level": (0, 0), "logger disabled": (0, 0),
+                                       "record factory": (1, 1)}[change]
+        assert len(seen) == records_seen and len(sole.lines()) == lines_written
+
+
+def test_write_event_survives_a_broken_stream(monkeypatch):
+    from cds_service import logs
+
+    class Broken:
+        def write(self, text):
+            raise OSError("disk full")
+
+        def flush(self):
+            pass
+
+    errors: list[logging.LogRecord] = []
+    with SoleJsonHandler() as sole:
+        sole.handler.setStream(Broken())
+        monkeypatch.setattr(sole.handler, "handleError", errors.append)
+        logs.write_event(logs.get_logger("hooks"), logging.INFO, "hook", FIELDS)
+    (record,) = errors
+    assert record.hook_instance == "h-2" and record.funcName == "test_write_event_survives_a_broken_stream"
