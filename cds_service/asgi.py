@@ -122,8 +122,14 @@ class BodyBudget:
         self._admit_waiting()
 
     def _admit_waiting(self) -> None:
-        while self._waiting and self._fits(self._waiting[0][0]):
-            n, future = self._waiting.popleft()
+        while self._waiting:
+            n, future = self._waiting[0]
+            if future.done():  # its wait has just ended (timed out, cancelled): it holds nothing
+                self._waiting.popleft()
+                continue
+            if not self._fits(n):
+                break
+            self._waiting.popleft()
             self.in_use += n
             future.set_result(None)
 

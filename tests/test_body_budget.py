@@ -112,6 +112,23 @@ def test_requests_without_a_body_never_wait():
     run(scenario())
 
 
+def test_a_wait_that_ended_while_room_was_made_is_skipped_not_admitted():
+    """wait_for cancels a timed-out wait and yields before the waiter sees it: a release in
+    between must pass it by (it must neither fail nor be charged) and admit the next one."""
+    async def scenario():
+        budget = BodyBudget(100)
+        assert await budget.reserve(90, timeout=0.01)
+        ended = asyncio.get_running_loop().create_future()
+        ended.cancel()
+        budget._waiting.append((50, ended))
+        nxt = asyncio.create_task(budget.reserve(30, timeout=5))
+        await asyncio.sleep(0.01)
+        budget.release(90)
+        assert await nxt is True
+        assert budget.in_use == 30 and not budget._waiting
+    run(scenario())
+
+
 # --- settings -----------------------------------------------------------------------------
 
 def test_default_budget_is_two_bodies_at_the_limit_and_a_setting_overrides_it():
