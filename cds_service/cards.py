@@ -61,12 +61,13 @@ _CLEANER = nh3.Cleaner(tags=set())  # built once: nh3.clean() rebuilds its sanit
 
 
 _SAFE_TEXT_CACHE: dict[str, str] = {}
-_SAFE_TEXT_CACHE_LIMIT = 8192
-"""Entries kept (then the memory starts over, like knowledge.py's caches): a chart's displays
-repeat from call to call (the same drugs, problems and tests), and sanitising is most of a
-card's text work.  Only record text up to `_SAFE_TEXT_CACHED_LENGTH` characters is kept, so the
-memory stays a few MiB whatever the input."""
-_SAFE_TEXT_CACHED_LENGTH = 512
+_SAFE_TEXT_CACHE_LIMIT = 4096
+"""Entries kept (then the memory starts over, like knowledge.py's caches).  Only the labels of
+matched evidence reach safe_text, and they repeat from call to call (the same drugs, problems
+and tests), while sanitising them is most of a card's text work.  Only text of at most
+`_SAFE_TEXT_CACHED_LENGTH` characters is kept: about 3 MiB at most for Latin text, under 10 MiB
+whatever the script."""
+_SAFE_TEXT_CACHED_LENGTH = 256
 
 
 def safe_text(value: Any, limit: int = MAX_RECORD_TEXT) -> str:
