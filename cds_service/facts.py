@@ -38,6 +38,7 @@ from cds_service.fhir_validation import ValidationVerdicts, is_valid_r4b
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.lab_values import ReadValue, is_plausible, read_value, unit_factor
 from cds_service.record import PatientRecord
+from cds_service.wire import Concept, Head
 
 log = logging.getLogger("cds_service.facts")
 
@@ -891,13 +892,15 @@ def _coded_in(knowledge: Knowledge, concept: Any, sets: frozenset[str]) -> bool:
     return False
 
 
-def resource_needed(knowledge: Knowledge, resource: Mapping[str, Any]) -> bool:
+def resource_needed(knowledge: Knowledge, resource: Mapping[str, Any] | Head) -> bool:
     """Whether `derive_facts` could read anything from `resource`, judged from its head (the
-    `HEAD_FIELDS`; a full resource works too).  True is a superset of what the derivation uses:
+    `HEAD_FIELDS` as a dict or a typed `wire.Head`; a full resource works too).  True is a superset of what the derivation uses:
     it is the first test each per-type reader above applies (a code or text in one of its value
     sets), before any status, date or validity check, so a resource for which this is False
     contributes nothing to the facts and need not be decoded.  MedicationRequests/Statements
     given by reference and every Patient and Medication are always needed."""
+    if type(resource) is Head:
+        return _head_needed(knowledge, resource)
     rtype = resource.get("resourceType")
     if rtype == "Observation":  # most resources: vitals and other labs, read by code only
         if _coded_in(knowledge, resource.get("code"), _OBSERVATION_SETS):
@@ -935,3 +938,65 @@ def _named_in(knowledge: Knowledge, concept: Any, sets: frozenset[str]) -> bool:
     if type(concept) is not dict:
         return False
     return any(text and not knowledge.match_text(text).isdisjoint(sets) for text in _concept_texts(concept))
+
+
+# The same test on a typed head (wire.Head): the hook path's common case, so written for speed.
+# It must decide exactly as `resource_needed` on the dict head (tests/test_partial_decoding.py
+# checks both on generated resources).
+
+def _typed_coded_in(knowledge: Knowledge, concept: Concept | None, sets: frozenset[str]) -> bool:
+    if concept is None or concept.coding is None:
+        return False
+    match = knowledge.match_code
+    for coding in concept.coding:
+        if not match(coding.system, coding.code).isdisjoint(sets):
+            return True
+    return False
+
+
+def _typed_texts(concept: Concept) -> list[str]:
+    """As `_concept_texts`: the concept's text and its codings' displays (blank ones left out)."""
+    texts = [concept.text] if concept.text and concept.text.strip() else []
+    return texts + [c.display for c in concept.coding or () if c.display and c.display.strip()]
+
+
+def _typed_named_in(knowledge: Knowledge, concept: Concept | None, sets: frozenset[str]) -> bool:
+    return concept is not None and any(
+        not knowledge.match_text(text).isdisjoint(sets) for text in _typed_texts(concept))
+
+
+def _head_needed(knowledge: Knowledge, head: Head) -> bool:
+    rtype = head.resourceType
+    if rtype == "Observation":
+        # Inline for the bulk of every record (vital signs, other labs): one lookup per coding.
+        code = head.code
+        if code is not None and code.coding is not None:
+            match = knowledge.match_code
+            for coding in code.coding:
+                if not match(coding.system, coding.code).isdisjoint(_OBSERVATION_SETS):
+                    return True
+        if head.valueCodeableConcept is not None and \
+                _typed_coded_in(knowledge, head.valueCodeableConcept, FINDING_SETS):
+            return True
+        return head.component is not None and any(
+            _typed_coded_in(knowledge, comp.code, LAB_SETS) for comp in head.component)
+    if rtype == "Condition":
+        code = head.code
+        if _typed_coded_in(knowledge, code, CONDITION_SETS):
+            return True
+        if code is None or any(c.system in STANDARD_SYSTEMS for c in code.coding or ()):
+            return False  # as `_match_condition_text`: a standard code is never re-read from text
+        return any(knowledge.match_text_affirmed(text, TEXT_MATCHED_CONDITION_SETS)
+                   for text in dict.fromkeys(_typed_texts(code)))
+    if rtype in ("MedicationRequest", "MedicationStatement"):
+        if head.medicationReference is not None:
+            return True
+        concept = head.medicationCodeableConcept
+        return (_typed_coded_in(knowledge, concept, MEDICATION_SETS)
+                or _typed_named_in(knowledge, concept, MEDICATION_SETS))
+    if rtype == "Procedure":
+        return _typed_coded_in(knowledge, head.code, _SURGERY_SETS)
+    if rtype == "ServiceRequest":
+        return (_typed_coded_in(knowledge, head.code, _LAB_ORDER_SETS)
+                or _typed_named_in(knowledge, head.code, _LAB_ORDER_SETS))
+    return rtype in _ALWAYS_NEEDED

@@ -209,15 +209,19 @@ class Knowledge:
     # -- lookups ------------------------------------------------------------------------------
     def match_code(self, system: Any, code: Any) -> frozenset[str]:
         """Names of the value sets containing (system, code); empty for anything malformed."""
+        key = (system, code)
+        try:
+            found = self._cache.get(key)  # before the type checks: the common case is a known pair
+        except TypeError:  # unhashable: an object or list where a string belongs
+            return _EMPTY
+        if found is not None:
+            return found
         if type(system) is not str or type(code) is not str:
             return _EMPTY
-        key = (system, code)
-        found = self._cache.get(key)
-        if found is None:
-            found = self._lookup(system, code)
-            if len(self._cache) >= _CACHE_LIMIT:  # bounded: arbitrary input cannot grow it forever
-                self._cache.clear()
-            self._cache[key] = found
+        found = self._lookup(system, code)
+        if len(self._cache) >= _CACHE_LIMIT:  # bounded: arbitrary input cannot grow it forever
+            self._cache.clear()
+        self._cache[key] = found
         return found
 
     def _lookup(self, system: str, code: str) -> frozenset[str]:

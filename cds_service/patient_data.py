@@ -298,7 +298,8 @@ def _needs_fetch(value: Any) -> bool:
         return False  # "no data"
     if isinstance(value, wire.LazyBundle):
         return bool(value.heads) and all(
-            head is not None and head.get("resourceType") == "OperationOutcome" for head in value.heads)
+            head is not None and (head.resourceType if value.typed else head.get("resourceType"))
+            == "OperationOutcome" for head in value.heads)
     if _is_outcome(value):
         return True
     if isinstance(value, dict) and value.get("resourceType") == "Bundle":
@@ -365,6 +366,23 @@ def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed
     keep = into.resources.append
     own_reference = f"Patient/{patient_id}"
     try:
+        if bundle.typed:  # the common case: typed heads (wire.Head)
+            for index, head in enumerate(bundle.heads):
+                if head is None:  # an entry without a resource
+                    into.skipped += 1
+                    continue
+                rtype = head.resourceType
+                if rtype == "OperationOutcome":
+                    continue
+                if rtype in KNOWN_RESOURCE_TYPES:
+                    subject = head.subject
+                    if (subject is not None and subject.reference == own_reference) \
+                            or _about_patient(wire.head_as_dict(head), patient_id):
+                        if needed is None or needed(head):
+                            keep(bundle.resource(index))
+                        continue
+                into.skipped += 1
+            return
         for index, head in enumerate(bundle.heads):
             if head is None:  # no resource, not an object, or a head msgspec would read otherwise
                 _accept([bundle.resource(index)], patient_id, into, needed)

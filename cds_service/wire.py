@@ -124,20 +124,87 @@ def decode_hook_body(raw: bytes) -> dict[str, Any] | None:
     return body
 
 
+# Typed heads: the same top-level fields as `facts.HEAD_FIELDS`, as msgspec Structs (cheaper to
+# build and free than dicts, and untracked by the garbage collector).  A Bundle in which any head
+# field has another JSON type than these is read with the dict heads instead.
+
+class Coding(msgspec.Struct, gc=False):
+    system: str | None = None
+    code: str | None = None
+    display: str | None = None
+
+
+class Concept(msgspec.Struct, gc=False):
+    """A CodeableConcept's codings and text."""
+
+    coding: list[Coding] | None = None
+    text: str | None = None
+
+
+class Reference(msgspec.Struct, gc=False):
+    reference: str | None = None
+    display: str | None = None
+
+
+class Component(msgspec.Struct, gc=False):
+    code: Concept | None = None
+
+
+class Head(msgspec.Struct, gc=False):
+    """The head of a resource (see `facts.HEAD_FIELDS`, which names the same fields)."""
+
+    resourceType: str | None = None
+    id: str | None = None
+    subject: Reference | None = None
+    patient: Reference | None = None
+    code: Concept | None = None
+    valueCodeableConcept: Concept | None = None
+    component: list[Component] | None = None
+    medicationCodeableConcept: Concept | None = None
+    medicationReference: Reference | None = None
+
+
+class _TypedEntry(msgspec.Struct, gc=False):
+    resource: Head | None = None
+
+
+class _TypedBundle(msgspec.Struct):
+    resourceType: Any = None
+    entry: list[_TypedEntry] | None = None
+    link: Any = None
+
+
+_TYPED_BUNDLE = msgspec.json.Decoder(_TypedBundle)
+
+
+def head_as_dict(head: Head) -> dict[str, Any]:
+    """A typed head as a dict head (members that were absent or null left out, at every level)."""
+    return _drop_nulls(msgspec.to_builtins(head))
+
+
+def _drop_nulls(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _drop_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_drop_nulls(v) for v in value]
+    return value
+
+
 class LazyBundle:
     """A prefetched Bundle whose resources are still raw.
 
-    `heads[i]` is the head of entry i's resource (the dict of the decoder's fields; None when
-    the entry has no resource), `resource(i)` its full value, decoded on demand.  A Bundle whose
-    entries all have object resources is read in two passes over its bytes: every head at once,
-    then (only when a resource is asked for) the raw slices of the entries."""
+    `heads[i]` is the head of entry i's resource (None when the entry has no resource), and
+    `resource(i)` its full value, decoded on demand.  The heads are typed (`Head`) when `typed`,
+    else dicts of the decoder's fields.  A well-formed Bundle is read in two passes over its
+    bytes: every head at once, then (only when a resource is asked for) the entries' raw slices."""
 
-    __slots__ = ("heads", "link", "_raw", "_raws")
+    __slots__ = ("heads", "link", "typed", "_raw", "_raws")
 
-    def __init__(self, heads: list[dict[str, Any] | None], link: Any, raw: msgspec.Raw | None,
-                 raws: list[msgspec.Raw] | None = None) -> None:
+    def __init__(self, heads: list[Any], link: Any, raw: msgspec.Raw | None,
+                 raws: list[msgspec.Raw] | None = None, *, typed: bool = False) -> None:
         self.heads = heads
         self.link = link
+        self.typed = typed
         self._raw = raw
         self._raws = raws
 
@@ -176,10 +243,20 @@ class HeadDecoder:
             return None
 
     def bundle(self, raw: msgspec.Raw) -> LazyBundle | None:
-        """A Bundle's heads in one pass; None when `raw` is not a Bundle whose entries all have
-        an object (or no) resource with decodable head fields."""
+        """A Bundle's heads in one pass, typed when every head field has its usual JSON type;
+        None when `raw` is not a Bundle whose entries all have an object (or no) resource with
+        decodable head fields."""
+        view = memoryview(raw)
         try:
-            shape = self._bundle.decode(memoryview(raw))
+            typed = _TYPED_BUNDLE.decode(view)
+        except _DECODE_ERRORS:
+            typed = None
+        if typed is not None:
+            if typed.resourceType != "Bundle" or typed.entry is None:
+                return None
+            return LazyBundle([e.resource for e in typed.entry], typed.link, raw, typed=True)
+        try:
+            shape = self._bundle.decode(view)
         except _DECODE_ERRORS:
             return None
         if shape.resourceType != "Bundle" or shape.entry is None:

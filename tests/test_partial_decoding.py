@@ -15,6 +15,7 @@ import tempfile
 from datetime import datetime, timezone
 from typing import Any
 
+import msgspec
 import orjson
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -41,6 +42,16 @@ def materialise(value: Any) -> Any:
         return orjson.loads(memoryview(value))
     if isinstance(value, dict):
         return {k: materialise(v) for k, v in value.items()}
+    return value
+
+
+def _without_nulls(value: Any) -> Any:
+    """What a typed head keeps of a value: nulls dropped from objects (struct fields left unset),
+    members outside the typed shape (a coding's `version`...) dropped too."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value]
     return value
 
 
@@ -126,8 +137,30 @@ def test_lazy_bundle_gives_every_resource_and_its_head(items: list[dict], link: 
         full = item.get("resource")
         assert opened.resource(i) == full
         head = opened.heads[i]
-        if head is not None:
+        if head is not None and not opened.typed:
             assert head == {k: full[k] for k in facts.HEAD_FIELDS if k in full}
+        elif head is not None:
+            assert_typed_head_matches(head, full)
+
+
+def assert_typed_head_matches(head: wire.Head, full: dict) -> None:
+    """A typed head says what the resource says: type, id, patient references, and the gate."""
+    assert head.resourceType == full.get("resourceType") and head.id == full.get("id")
+    for name in ("subject", "patient"):
+        assert (getattr(head, name).reference if getattr(head, name) else None) == \
+            (full.get(name) or {}).get("reference")
+    assert ENGINE.resource_needed(head) == ENGINE.resource_needed(full)
+
+
+@RUN
+@given(resources=ehr_shapes.patients("p1"))
+def test_ehr_shaped_bundles_get_typed_heads(resources: list[dict]) -> None:
+    raw = wire.decode_hook_body(json.dumps({"prefetch": {"k": bundle(resources)}}).encode())["prefetch"]["k"]
+    opened = wire.open_prefetch_value(raw, HEADS)
+    assert isinstance(opened, wire.LazyBundle) and opened.typed
+    for i, full in enumerate(resources):
+        assert opened.resource(i) == full
+        assert_typed_head_matches(opened.heads[i], full)
 
 
 def test_a_resource_the_full_parse_refuses_is_a_400_only_when_read() -> None:
@@ -164,9 +197,18 @@ def test_the_gate_keeps_every_resource_the_facts_use(resources: list[dict], nois
     gated = facts.derive_facts(PatientRecord.from_resources(kept), context, ENGINE.knowledge,
                                ENGINE.settings, NOW)
     assert gated == full
-    for res in everything:  # the head alone decides as the whole resource does
+    for res in everything:  # the head alone decides as the whole resource does, typed or not
         if isinstance(res, dict):
             assert needed({k: res[k] for k in facts.HEAD_FIELDS if k in res}) == needed(res)
+            try:
+                typed = msgspec.json.decode(json.dumps(res).encode(), type=wire.Head)
+            except (msgspec.ValidationError, msgspec.DecodeError):
+                continue  # another JSON type in a head field: such Bundles use the dict heads
+            assert needed(typed) == needed(res), res
+
+
+def test_typed_heads_name_the_head_fields() -> None:
+    assert wire.Head.__struct_fields__ == facts.HEAD_FIELDS
 
 
 # --- whole hook calls: lazy path vs full path ---------------------------------------------------
