@@ -107,6 +107,33 @@ class StoreContract:
         kinds = {k["kind"]: k for k in store.feedback_report()["kinds"]}
         assert (kinds["kind-a"]["issued"], kinds["kind-a"]["suppressed"], kinds["kind-b"]["issued"]) == (1, 1, 1)
 
+    def test_concurrent_hook_calls_record_every_card(self, open_store):
+        """Threads of several workers' stores recording at once (each a single autocommit
+        statement): every card is there, and feedback finds each one's suggestion."""
+        stores = [open_store() for _ in range(3)]
+        errors: list[BaseException] = []
+
+        def client(n: int) -> None:
+            try:
+                for i in range(40):
+                    stores[n % 3].record_issued_cards(SVC, f"h{n}-{i}", f"p{n}", [
+                        IssuedCard(f"t{n}-{i}", "kind-a", (f"t{n}-{i}-s",))])
+            except BaseException as err:  # noqa: BLE001 - reported below
+                errors.append(err)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert stores[1].feedback_report()["totals"]["issued"] == 6 * 40
+        result = stores[2].save_feedback(SVC, [accepted(f"t{n}-{i}", f"t{n}-{i}-s")
+                                               for n in range(6) for i in (0, 39)])
+        assert result.unknown_cards == () and not any(r["unknown_suggestions"] for r in stores[0].feedback_rows())
+        for s in stores:
+            s.close()
+
     def test_many_cards_at_once_are_all_recorded(self, store):
         """More cards than one INSERT takes (seeding): recorded in chunks, in one transaction."""
         cards = [IssuedCard(f"bulk-{i}", "kind-a", (f"bulk-{i}-s",)) for i in range(1234)]
