@@ -17,7 +17,9 @@ counts the rare slow calls, such as a WAL checkpoint with its fsyncs, that the m
    client (as `bench.run --parts inproc`), the app's store swapped between the old and the new
    `Store` object (and the situation's JSON encoder with it).
 
-Prints a markdown table with the ratios new/old.
+Prints a markdown table with the ratios new/old, then the work of measure 1 counted from
+/proc/self/io (load-independent): write system calls and bytes written per call (the WAL frames,
+and the checkpoints' copies into the database file, averaged over the calls).
 """
 
 from __future__ import annotations
@@ -72,6 +74,20 @@ def interleave(old: Callable[[], Any], new: Callable[[], Any], reps: int, chunk:
     return times[0], times[1]
 
 
+def io_counts() -> dict[str, int]:
+    """This process's write syscalls and bytes written so far (Linux /proc/self/io)."""
+    fields = dict(line.split(": ") for line in Path("/proc/self/io").read_text().splitlines())
+    return {"syscw": int(fields["syscw"]), "wchar": int(fields["wchar"])}
+
+
+def work_per_call(fn: Callable[[], Any], calls: int) -> dict[str, float]:
+    before = io_counts()
+    for _ in range(calls):
+        fn()
+    after = io_counts()
+    return {k: (after[k] - before[k]) / calls for k in before}
+
+
 def store_work(store: Any, issued_card: type, situation: str) -> Callable[[], None]:
     """One hook call's store work: the policy read, then recording one card with one suggestion."""
     counter = iter(range(10**9))
@@ -112,9 +128,11 @@ def main(argv: list[str] | None = None) -> int:
         new_store = Store.open(Settings(data_dir=str(new_dir), patient_hash_key=key))
         situation = json.dumps({"indicator": "info", "b12": "0123456789abcdef", "red_flags": []},
                                separators=(",", ":"))
+        old_work = store_work(old_store, old_mod.IssuedCard, situation)
+        new_work = store_work(new_store, IssuedCard, situation)
         rows.append(("store work of one hook call (policy read + issued-card write)", *interleave(
-            store_work(old_store, old_mod.IssuedCard, situation),
-            store_work(new_store, IssuedCard, situation), args.reps)))
+            old_work, new_work, args.reps)))
+        counted = {"old": work_per_call(old_work, args.reps), "new": work_per_call(new_work, args.reps)}
 
         # The whole hook call, one app, its store (and the situation encoder) swapped per side.
         app = make_service_app(str(new_dir), patient_hash_key=key)
@@ -162,6 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         om, nm = statistics.fmean(old), statistics.fmean(new)
         print(f"| {name} | {o50:.1f} | {n50:.1f} | {n50 / o50:.2f} | {o99:.1f} | {n99:.1f} | {n99 / o99:.2f} "
               f"| {om:.1f} | {nm:.1f} | {nm / om:.2f} |")
+    old, new = counted["old"], counted["new"]
+    print(f"\nWork of measure 1, {args.reps} more calls per side (/proc/self/io):\n")
+    print("| per call | old | new | new/old |")
+    print("|---|---:|---:|---:|")
+    print(f"| write system calls | {old['syscw']:.2f} | {new['syscw']:.2f} | {new['syscw'] / old['syscw']:.2f} |")
+    print(f"| bytes written | {old['wchar']:.0f} | {new['wchar']:.0f} | {new['wchar'] / old['wchar']:.2f} |")
     return 0
 
 

@@ -84,3 +84,19 @@ def test_ab_harness_compares_this_checkout_with_a_revision() -> None:
     assert [row.split(" | ")[0] for row in rows] == ["| fixed", "| fixed, Origin", "| small patient"]
     for row in rows:
         assert row.rstrip(" |").endswith("x")
+
+
+def test_store_ab_harness_compares_the_store_with_a_revision() -> None:
+    """`bench.store_ab` imports a revision's store.py beside this one and prints both measures
+    and the work counts (in a subprocess: the second Store class stays out of this process)."""
+    import subprocess
+    import sys
+
+    from bench.common import REPO_ROOT
+
+    out = subprocess.run([sys.executable, "-m", "bench.store_ab", "--old-rev", "HEAD", "--reps", "20"],
+                         cwd=REPO_ROOT, capture_output=True, text=True, timeout=300, check=True).stdout
+    rows = [line.split(" | ")[0] for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert rows == ["| measure", "| store work of one hook call (policy read + issued-card write)",
+                    "| whole hook call, small patient (in-process)", "| per call",
+                    "| write system calls", "| bytes written"]
