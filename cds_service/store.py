@@ -33,11 +33,11 @@ import secrets
 import sqlite3
 import threading
 import time
-from functools import lru_cache
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
