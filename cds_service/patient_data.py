@@ -580,12 +580,14 @@ class PatientDataGatherer:
         skipped = skipped_prefetch + sum(kd.skipped for kd in data.values())
         # The hook's own log line carries the counts; this line adds the per-key failure reasons
         # and the fetch time, so at INFO it is written only when the FHIR server was involved.
-        log.log(logging.INFO if (calls or unavailable) else logging.DEBUG, "gather", extra={
-            "event": "gather", "hook_instance": request.hook_instance,
-            "keys_fetched": list(fetched) or None, "keys_failed": unavailable or None,
-            "reason": ";".join(f"{k}:{data[k].reason}" for k in unavailable) or None,
-            "fhir_calls": calls, "skipped_resources": skipped,
-            "duration_ms": round((time.monotonic() - started) * 1000, 2)})
+        level = logging.INFO if (calls or unavailable) else logging.DEBUG
+        if log.isEnabledFor(level):  # the all-prefetch case is DEBUG: nothing built for it
+            log.log(level, "gather", extra={
+                "event": "gather", "hook_instance": request.hook_instance,
+                "keys_fetched": list(fetched) or None, "keys_failed": unavailable or None,
+                "reason": ";".join(f"{k}:{data[k].reason}" for k in unavailable) or None,
+                "fhir_calls": calls, "skipped_resources": skipped,
+                "duration_ms": round((time.monotonic() - started) * 1000, 2)})
 
         missing_required = [k for k in templates
                             if k in REQUIRED_KEYS and not data[k].ok and not data[k].resources]

@@ -141,8 +141,10 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
     if s.record_cards:
         _record_issued(svc.id, hook_request, evaluation)
 
-    metrics.FHIR_CALLS.inc(gathered.fhir_calls)
-    metrics.FHIR_FAILURES.inc(len(gathered.failed_keys))
+    if gathered.fhir_calls:  # the all-prefetch case adds nothing (no write to the metric files)
+        metrics.FHIR_CALLS.inc(gathered.fhir_calls)
+    if gathered.failed_keys:
+        metrics.FHIR_FAILURES.inc(len(gathered.failed_keys))
     g.log_counts = {
         "cards": len(evaluation.cards),
         "card_kinds": sorted(set(evaluation.card_kinds.values())) or None,
