@@ -22,11 +22,12 @@ from typing import TYPE_CHECKING, Any
 from cds_service import protocol
 from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts, RenderedCard
 from cds_service.config import Settings
-from cds_service.facts import PatientFacts, derive_facts, resource_needed
+from cds_service.facts import PatientFacts, derive_facts, head_gate, resource_needed
 from cds_service.fhir_validation import ValidationVerdicts
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.record import PatientRecord
 from cds_service.rules import Decision, decide
+from cds_service.wire import Head
 
 if TYPE_CHECKING:  # the policy reads the store; the engine only calls what it is given
     from cds_service.policy import PolicyOutcome
@@ -87,6 +88,11 @@ class ClinicalEngine:
         """resource -> whether the rules can use it (judged from its head: `facts.HEAD_FIELDS`);
         the gatherer drops, and never decodes, the resources for which this is False."""
         return partial(resource_needed, self.knowledge)
+
+    @cached_property
+    def head_needed(self) -> Callable[[Head], bool]:
+        """The same test on a typed head (`wire.Head`), written for the hook path's loop."""
+        return head_gate(self.knowledge)
 
     def evaluate(self, record: PatientRecord, request: protocol.HookRequest,
                  now: datetime | None = None, policy: PolicyStep | None = None) -> Evaluation:

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import date, datetime
 from types import MappingProxyType
@@ -965,10 +965,35 @@ def _typed_named_in(knowledge: Knowledge, concept: Concept | None, sets: frozens
         not knowledge.match_text(text).isdisjoint(sets) for text in _typed_texts(concept))
 
 
+def head_gate(knowledge: Knowledge) -> Callable[[Head], bool]:
+    """`_head_needed` bound to `knowledge`, with the common case inlined: an Observation (vital
+    signs, other labs: most of every record) whose codings are all known pairs outside the
+    rules' sets is answered with one memo lookup per coding and no further call."""
+    known = knowledge.known_codes()
+    match = knowledge.match_code
+    observation_sets = _OBSERVATION_SETS
+
+    def needed(head: Head) -> bool:
+        if head.resourceType == "Observation" and head.valueCodeableConcept is None \
+                and head.component is None:
+            code = head.code
+            if code is None or code.coding is None:
+                return False
+            for coding in code.coding:
+                names = known((coding.system, coding.code))
+                if names is None:
+                    names = match(coding.system, coding.code)
+                if not names.isdisjoint(observation_sets):
+                    return True
+            return False
+        return _head_needed(knowledge, head)
+
+    return needed
+
+
 def _head_needed(knowledge: Knowledge, head: Head) -> bool:
     rtype = head.resourceType
     if rtype == "Observation":
-        # Inline for the bulk of every record (vital signs, other labs): one lookup per coding.
         code = head.code
         if code is not None and code.coding is not None:
             match = knowledge.match_code

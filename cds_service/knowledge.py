@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from decimal import Decimal
 from pathlib import Path
@@ -223,6 +224,12 @@ class Knowledge:
             self._cache.clear()
         self._cache[key] = found
         return found
+
+    def known_codes(self) -> Callable[[tuple[Any, Any]], frozenset[str] | None]:
+        """`(system, code) -> value-set names` for the pairs `match_code` has seen, else None:
+        the memo's own lookup, for loops over thousands of codings (call `match_code` on None).
+        Stays valid when the memo is cleared."""
+        return self._cache.get
 
     def _lookup(self, system: str, code: str) -> frozenset[str]:
         if not code.strip():

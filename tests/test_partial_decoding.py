@@ -205,6 +205,7 @@ def test_the_gate_keeps_every_resource_the_facts_use(resources: list[dict], nois
             except (msgspec.ValidationError, msgspec.DecodeError):
                 continue  # another JSON type in a head field: such Bundles use the dict heads
             assert needed(typed) == needed(res), res
+            assert ENGINE.head_needed(typed) == needed(res), res
 
 
 def test_typed_heads_name_the_head_fields() -> None:
@@ -227,6 +228,7 @@ def _answer(client: Any, raw: bytes, *, full: bool, monkeypatch: pytest.MonkeyPa
             patch.setattr(wire, "decode_hook_body", lambda raw: None)
             engine = client.application.extensions["cds"].engine
             patch.setattr(engine, "resource_needed", None, raising=False)
+            patch.setattr(engine, "head_needed", None, raising=False)
         resp = client.post("/cds-services/b12-neck-pain-patient-view", data=raw, content_type="application/json")
     return resp.status_code, _UUID.sub(b"<uuid>", resp.get_data())
 

@@ -130,7 +130,8 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
     hook_request = parse_hook_request(body, svc.hook, max_string_length=s.settings.max_string_length)
     g.hook_instance = hook_request.hook_instance
 
-    gathered = s.patient_data.gather(hook_request, prefetch_templates(svc.hook), needed=s.engine.resource_needed)
+    gathered = s.patient_data.gather(hook_request, prefetch_templates(svc.hook),
+                                     needed=s.engine.resource_needed, needed_head=s.engine.head_needed)
     context = hook_request.context
 
     def policy(decision: Decision, facts: PatientFacts, now: datetime) -> PolicyOutcome | None:
