@@ -234,6 +234,10 @@ class _KeyData:
     """False when the key's data could not be had, or only partly (failed fetch, page limit)."""
     fetched: bool = False
     reason: str = ""
+    dropped: set[tuple[str, str]] = field(default_factory=set)
+    """(type, id) of the resources the gate dropped.  `PatientRecord.from_resources` keeps the
+    first copy of a type/id, so a later copy (another version of it) must not take the place of
+    a dropped one: without the gate the dropped copy would have been kept and this one ignored."""
 
 
 class _FetchFailed(Exception):
@@ -345,6 +349,7 @@ def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData,
     """Keep structurally usable resources the rules can use; count the unusable ones
     (OperationOutcome entries, and resources the rules cannot use, are neither)."""
     keep = into.resources.append
+    dropped = into.dropped
     own_reference = f"Patient/{patient_id}"
     for res in candidates:  # runs for every resource: the common case is checked inline
         rtype = res.get("resourceType") if type(res) is dict else None
@@ -354,10 +359,30 @@ def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData,
             subject = res.get("subject")
             if (type(subject) is dict and subject.get("reference") == own_reference) \
                     or _about_patient(res, patient_id):
-                if needed is None or needed(res):
+                if needed is None:
+                    keep(res)
+                elif _gate(needed(res), rtype, res.get("id"), dropped):
                     keep(res)
                 continue
         into.skipped += 1
+
+
+def _gate(needed: bool, rtype: str, rid: Any, dropped: set[tuple[str, str]]) -> bool:
+    """Whether to keep a resource the gate judged `needed`; records the dropped ones.  A needed
+    copy of a type/id already dropped is not kept either (see `_KeyData.dropped`)."""
+    if type(rid) is not str:
+        return needed
+    if not needed:
+        dropped.add((rtype, rid))
+        return False
+    return not dropped or (rtype, rid) not in dropped
+
+
+def _unshadowed(resources: list[Resource], dropped: set[tuple[str, str]]) -> list[Resource]:
+    """`resources` without those whose type/id the gate dropped earlier (`_KeyData.dropped`)."""
+    if not dropped:
+        return resources
+    return [r for r in resources if type(r.get("id")) is not str or (r.get("resourceType"), r["id"]) not in dropped]
 
 
 def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed: Needed | None,
@@ -365,6 +390,7 @@ def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed
     """`_accept` for a Bundle still in raw form: the checks run on each resource's head and
     only the resources kept are decoded (`CdsError(400)` if one is not valid JSON after all)."""
     keep = into.resources.append
+    dropped = into.dropped
     own_reference = f"Patient/{patient_id}"
     try:
         if bundle.typed:  # the common case: typed heads (wire.Head)
@@ -380,8 +406,13 @@ def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed
                     subject = head.subject
                     if (subject is not None and subject.reference == own_reference) \
                             or _about_patient(wire.head_as_dict(head), patient_id):
-                        if gate is None or gate(head):
+                        if gate is None:
                             keep(bundle.resource(index))
+                        elif gate(head):
+                            if not dropped or head.id is None or (rtype, head.id) not in dropped:
+                                keep(bundle.resource(index))
+                        elif (rid := head.id) is not None:
+                            dropped.add((rtype, rid))  # see _KeyData.dropped
                         continue
                 into.skipped += 1
             return
@@ -396,7 +427,7 @@ def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed
                 subject = head.get("subject")
                 if (type(subject) is dict and subject.get("reference") == own_reference) \
                         or _about_patient(head, patient_id):
-                    if needed is None or needed(head):
+                    if needed is None or _gate(needed(head), rtype, head.get("id"), dropped):
                         keep(bundle.resource(index))
                     continue
             into.skipped += 1
@@ -604,7 +635,12 @@ class PatientDataGatherer:
                                    ", and no usable fhirServer was given")
                                 + f"): {', '.join(missing_required)}")
 
-        resources = [r for k in templates for r in data[k].resources] + medications
+        resources: list[Resource] = []
+        dropped: set[tuple[str, str]] = set()  # by the gate, in the keys before this one
+        for k in templates:
+            resources += _unshadowed(data[k].resources, dropped)
+            dropped.update(data[k].dropped)
+        resources += medications
         drafts = []
         if request.context.draft_orders:
             drafts = [r for r in _bundle_resources(request.context.draft_orders) if isinstance(r, dict)]
@@ -724,7 +760,7 @@ class PatientDataGatherer:
                 kd = _KeyData(fetched=kd.fetched, calls=kd.calls, ok=False, reason="deadline")
             if key in to_continue:  # further pages of a prefetched Bundle: add to its first page
                 first = data[key]
-                first.resources.extend(kd.resources)
+                first.resources.extend(_unshadowed(kd.resources, first.dropped))
                 first.skipped += kd.skipped
                 first.calls += kd.calls
                 if not kd.ok:

@@ -206,3 +206,38 @@ def test_the_gate_drops_noise(dict_heads: bool) -> None:
                              needed_head=ENGINE.head_needed).record
     assert [c["id"] for c in record.conditions] == ["neck"]
     assert [o["id"] for o in record.observations] == []
+
+
+# --- the same type/id more than once (another version of the resource) -------------------------
+
+METFORMIN_ORDER = med_request("mr-met", medicationCodeableConcept={
+    "coding": [{"system": RXNORM, "code": "6809", "display": "metformin"}]})
+FATIGUE = condition("c-dup", {"coding": [{"system": LOCAL, "code": "DX-1", "display": "Fatigue"}]})
+DEFICIENCY = condition("c-dup", {"coding": [{"system": SCT, "code": "190634004"}]})
+OTHER_LAB = observation("o-dup", {"coding": [{"system": LOINC, "code": "2284-8", "display": "Folate"}]},
+                        valueQuantity={"value": 9, "unit": "ng/mL"})
+B12_LOW = observation("o-dup", {"coding": [{"system": LOINC, "code": "2132-9"}]},
+                      valueQuantity={"value": 120, "unit": "pg/mL"})
+
+DUPLICATES = {
+    # PatientRecord keeps the first copy of a type/id: a dropped first copy must still win, or a
+    # later one (here: a deficiency already handled) would silence the card the full path shows.
+    "first copy unused, second a B12 deficiency": {"conditions": [NECK, FATIGUE, DEFICIENCY]},
+    "first copy a B12 deficiency, second unused": {"conditions": [NECK, DEFICIENCY, FATIGUE]},
+    # Keys are read in the templates' order (labResults before findings).
+    "unused copy in an earlier key, B12 result in a later key": {
+        "conditions": [NECK], "labResults": [OTHER_LAB], "findings": [B12_LOW]},
+    "B12 result in an earlier key, unused copy in a later key": {
+        "conditions": [NECK], "labResults": [B12_LOW], "findings": [OTHER_LAB]},
+}
+
+
+@pytest.mark.parametrize("dict_heads", [False, True], ids=["typed-heads", "dict-heads"])
+@pytest.mark.parametrize("name", list(DUPLICATES))
+def test_repeated_type_and_id_give_the_same_facts_with_and_without_the_gate(name: str, dict_heads: bool) -> None:
+    prefetch = {**DUPLICATES[name], "medicationRequests": [METFORMIN_ORDER]}
+    raw = _body(prefetch, dict_heads=dict_heads)
+    full = _facts(raw, gated=False)
+    gated = _facts(raw, gated=True)
+    assert gated == full
+    assert decide(gated, ENGINE.settings) == decide(full, ENGINE.settings)
