@@ -142,6 +142,18 @@ PROBES: dict[str, tuple[str, list[dict[str, Any]]]] = {
         "resourceType": "ServiceRequest", "id": "sr-b12", "status": "active", "intent": "order",
         "subject": ME, "authoredOn": "2025-06-10",
         "code": {"coding": [{"system": LOCAL, "code": "LAB-0042", "display": "Vitamin B12 level"}]}}]),
+    "esomeprazole statement by brand name in the text only": ("medicationStatements", [{
+        "resourceType": "MedicationStatement", "id": "ms-nex", "status": "active", "subject": ME,
+        "dateAsserted": "2021-04-01", "medicationCodeableConcept": {"text": "Nexium 40 mg"}}]),
+    "MMA order named in the text only": ("serviceRequests", [{
+        "resourceType": "ServiceRequest", "id": "sr-mma", "status": "active", "intent": "order",
+        "subject": ME, "authoredOn": "2025-06-12", "code": {"text": "Methylmalonic acid, serum"}}]),
+    "alcohol use disorder, ICD-10-CM F10.20 without its dot": ("conditions", [condition("c-aud", {
+        "coding": [{"system": ICD, "code": "F1020"}]})]),
+    "Crohn's disease in remission (structural malabsorption persists)": ("conditions", [condition("c-crohn", {
+        "coding": [{"system": ICD, "code": "K50.90", "display": "Crohn's disease, unspecified"}]},
+        clinicalStatus={"coding": [{"system": "http://terminology.hl7.org/CodeSystem/condition-clinical",
+                                    "code": "remission"}]})]),
     "gastrectomy procedure": ("procedures", [{
         "resourceType": "Procedure", "id": "pr-gas", "status": "completed", "subject": ME,
         "performedDateTime": "2015-03-03",
@@ -241,3 +253,26 @@ def test_repeated_type_and_id_give_the_same_facts_with_and_without_the_gate(name
     gated = _facts(raw, gated=True)
     assert gated == full
     assert decide(gated, ENGINE.settings) == decide(full, ENGINE.settings)
+
+
+PREGNANT = observation("o-pregnant", {"coding": [{"system": LOINC, "code": "82810-3"}]},
+                       effectiveDateTime="2025-04-01",
+                       valueCodeableConcept={"coding": [{"system": SCT, "code": "77386006"}]})
+
+
+@pytest.mark.parametrize("dict_heads", [False, True], ids=["typed-heads", "dict-heads"])
+@pytest.mark.parametrize("ended", [
+    observation("o-notpreg", {"coding": [{"system": LOCAL, "code": "PREG-Q"}], "text": "Pregnant?"},
+                effectiveDateTime="2025-06-01",
+                valueCodeableConcept={"coding": [{"system": LOINC, "code": "LA26683-5", "display": "Not pregnant"}]}),
+    condition("c-delivery", {"coding": [{"system": ICD, "code": "Z37.0"}]}, onsetDateTime="2025-06-02"),
+], ids=["not-pregnant-value", "delivery-outcome-code-family"])
+def test_a_pregnancy_that_ended_reads_the_same_with_and_without_the_gate(ended: dict, dict_heads: bool) -> None:
+    """The pregnancy exception (no card) ends with a later "not pregnant" or delivery entry: a
+    gate that dropped that entry would silence the card for good."""
+    base = {"conditions": [NECK], "findingValues": [PREGNANT]}
+    key = "conditions" if ended["resourceType"] == "Condition" else "findingValues"
+    raw = _body({**base, key: base[key] + [ended]}, dict_heads=dict_heads)
+    full = _facts(raw, gated=False)
+    assert _facts(raw, gated=True) == full
+    assert _facts(_body(base, dict_heads=dict_heads), gated=False).pregnancy and not full.pregnancy
