@@ -26,6 +26,7 @@ from cds_service.patient_data import PatientDataGatherer
 from cds_service.protocol import parse_hook_request
 from cds_service.record import PREFETCH_KEYS
 from cds_service.rules import decide
+from tests.servers import Reply, StubServer, searchset
 
 ENGINE = ClinicalEngine.load(Settings())
 GATHERER = PatientDataGatherer(ENGINE.settings)
@@ -276,3 +277,37 @@ def test_a_pregnancy_that_ended_reads_the_same_with_and_without_the_gate(ended: 
     full = _facts(raw, gated=False)
     assert _facts(raw, gated=True) == full
     assert _facts(_body(base, dict_heads=dict_heads), gated=False).pregnancy and not full.pregnancy
+
+
+def test_a_later_page_cannot_replace_a_dropped_copy() -> None:
+    """The next page of a prefetched Bundle (fetched from the FHIR server) holds another copy of
+    a resource the gate dropped from the first page: the first copy still wins, as in full."""
+    with StubServer() as stub:
+        stub.route("/fhir/Condition", Reply(body=searchset(DEFICIENCY)))
+        gatherer = PatientDataGatherer(Settings.from_env({"fhir_allowlist": stub.base}, environ={}))
+        try:
+            first_page = searchset(NECK, FATIGUE, next_url=f"{stub.base}/fhir/Condition?page=2")
+            body = {"hook": "patient-view", "hookInstance": "gate-review", "fhirServer": f"{stub.base}/fhir",
+                    "context": {"userId": "Practitioner/1", "patientId": "p1"},
+                    "prefetch": {"patient": PATIENT, "conditions": first_page,
+                                 "medicationRequests": searchset(METFORMIN_ORDER),
+                                 **{k: None for k in PREFETCH_KEYS
+                                    if k not in ("patient", "conditions", "medicationRequests")}}}
+            raw = json.dumps(body).encode()
+            results = []
+            for gated in (False, True):
+                if gated:
+                    request = parse_hook_request(wire.decode_hook_body(raw), "patient-view")
+                    got = gatherer.gather(request, TEMPLATES, needed=ENGINE.resource_needed,
+                                          needed_head=ENGINE.head_needed)
+                else:
+                    request = parse_hook_request(orjson.loads(raw), "patient-view")
+                    got = gatherer.gather(request, TEMPLATES)
+                assert got.fhir_calls == 1  # the next page was read
+                results.append(facts.derive_facts(got.record, request.context, ENGINE.knowledge,
+                                                  ENGINE.settings, NOW))
+        finally:
+            gatherer.close()
+    full, gated_facts = results
+    assert gated_facts == full and not full.already_handled
+    assert decide(full, ENGINE.settings).kind  # the card the full parse shows
