@@ -311,3 +311,17 @@ def test_a_later_page_cannot_replace_a_dropped_copy() -> None:
     full, gated_facts = results
     assert gated_facts == full and not full.already_handled
     assert decide(full, ENGINE.settings).kind  # the card the full parse shows
+
+
+def test_a_dropped_copy_leaves_no_medication_reference_to_resolve() -> None:
+    """A later copy (in another key) of a MedicationRequest the gate dropped has its
+    medicationReference looked up (reported unresolved) as in full, though only the first copy
+    is read."""
+    dropped = med_request("mr-x", medicationCodeableConcept={"coding": [{"system": LOCAL, "code": "RX-5"}],
+                                                             "text": "lisinopril 10 mg"})
+    later = med_request("mr-x", medicationReference={"reference": "Medication/not-sent"})
+    raw = _body({"conditions": [NECK], "medicationRequests": [dropped], "serviceRequests": [later]},
+                dict_heads=False)
+    full = _facts(raw, gated=False)
+    assert _facts(raw, gated=True) == full
+    assert full.unavailable == {"serviceRequests"}
