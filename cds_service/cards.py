@@ -22,7 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-import uuid
+import os
 from dataclasses import dataclass
 from datetime import date
 from decimal import Decimal
@@ -208,6 +208,8 @@ class CardBuilder:
         self._suggestion_texts: dict[str, Any] = {}
         self._advice: dict[str, str] = {}
         self._band_texts: dict[tuple[str, str], str] = {}
+        self._sections: dict[tuple[str | None, str], str] = {}
+        self._unavailable: dict[frozenset[str], str] = {}
         self._check_shared_parts()
 
     # -- public -------------------------------------------------------------------------------
@@ -232,7 +234,7 @@ class CardBuilder:
                   reasons: list[dict[str, Any]]) -> dict[str, Any]:
         """The card's JSON, members in `protocol.Card` order (what its model_dump gives)."""
         _check_card(summary, detail, indicator)
-        card: dict[str, Any] = {"uuid": str(uuid.uuid4()), "summary": summary, "detail": detail,
+        card: dict[str, Any] = {"uuid": uuid4(), "summary": summary, "detail": detail,
                                 "indicator": indicator, "source": self._source}
         if suggestion is not None:
             card["suggestions"] = [suggestion]
@@ -304,7 +306,8 @@ class CardBuilder:
         # Name as many top risk factors as fit; the rest become "+N more".
         # The result behind an MMA card is named with its value as reported ("indeterminate B12
         # 245 pg/mL"); "active B12" is said in full so a pmol/L value is never read as total B12.
-        fields = {"value": self.reported(r) if r else "", "date": _day(r.on) if r else "",
+        # (The value is written out only when the template names it: most do not.)
+        fields = {"value": self.reported(r) if r and "{value" in template else "", "date": _day(r.on) if r else "",
                   "test": "active B12" if r and r.analyte == "active-b12" else "B12"}
         for n in range(len(labels), 0, -1):
             shown = ", ".join(labels[:n]) + (f", +{len(labels) - n} more" if n < len(labels) else "")
@@ -337,7 +340,7 @@ class CardBuilder:
             parts.append(f"**{mechanical_heading}**\n\n{c['mechanical_documented' + after]}\n\n"
                          f"{_bullets(facts.mechanical)}")
         else:
-            parts.append(f"**{mechanical_heading}**\n\n{c['mechanical_reminder' + after]}")
+            parts.append(self._fixed_section("mechanical" + after, "mechanical_reminder" + after))
         if facts.risk_factors:
             lines = []
             notes = c.get("risk_factor_notes", {})
@@ -348,16 +351,16 @@ class CardBuilder:
             parts.append(f"**{h['risk_factors']}**\n\n" + "\n".join(lines))
         if facts.neuropathic:
             neuro = _bullets(facts.neuropathic)
+            if facts.compressive:
+                neuro += f"\n\n{c['neuropathic_explained']}"
+            parts.append(f"**{h['neuropathic']}**\n\n{neuro}")
         elif facts.neurological_red_flags:
             # A myelopathy, cord-compression sign or gait disturbance is itself a neurological sign
             # B12 deficiency can cause (NICE NG239; subacute combined degeneration): "none
             # documented" under it would contradict the red-flag section and falsely reassure.
-            neuro = c["neuropathic_see_red_flags"]
+            parts.append(self._fixed_section("neuropathic", "neuropathic_see_red_flags"))
         else:
-            neuro = c["neuropathic_none"]
-        if facts.neuropathic and facts.compressive:
-            neuro += f"\n\n{c['neuropathic_explained']}"
-        parts.append(f"**{h['neuropathic']}**\n\n{neuro}")
+            parts.append(self._fixed_section("neuropathic", "neuropathic_none"))
         parts.append(f"**{h['results']}**\n\n{self._results(facts)}")
         advice = spec["advice"]
         if decision.reason in ("low-total-b12-in-pregnancy", "indeterminate-total-b12-in-pregnancy"):
@@ -373,11 +376,35 @@ class CardBuilder:
                 advice = advice["with_neuropathic" if decision.recommended else "without_neuropathic"]
         parts.append(self._filled_advice(advice))
         if facts.unavailable:
-            wording = c["unavailable_data"]
-            missing = [wording.get(k, safe_text(k)) for k in sorted(facts.unavailable)]
-            parts.append(f"**{h['unavailable']}**\n\n{c['unavailable_intro']} " + ", ".join(missing) + ".")
-        parts.append(f"_{c['evidence_note']}_")
+            parts.append(self._unavailable_section(facts.unavailable))
+        parts.append(self._fixed_section(None, "evidence_note"))
         return "\n\n".join(parts)
+
+    def _fixed_section(self, heading: str | None, text: str) -> str:
+        """A detail section made only of card-file texts: `**heading**` and the common text
+        `text`, or (no heading) that text in italics.  Memoised: it depends only on the files."""
+        key = (heading, text)
+        section = self._sections.get(key)
+        if section is None:
+            c = self.texts.common
+            section = f"**{c['headings'][heading]}**\n\n{c[text]}" if heading else f"_{c[text]}_"
+            self._sections[key] = section
+        return section
+
+    def _unavailable_section(self, unavailable: frozenset[str]) -> str:
+        """What could not be checked (memoised per frozen set of prefetch keys: a handful)."""
+        memo = type(unavailable) is frozenset
+        section = self._unavailable.get(unavailable) if memo else None
+        if section is None:
+            c = self.texts.common
+            wording = c["unavailable_data"]
+            missing = [wording.get(k, safe_text(k)) for k in sorted(unavailable)]
+            section = f"**{c['headings']['unavailable']}**\n\n{c['unavailable_intro']} " + ", ".join(missing) + "."
+            if memo:
+                if len(self._unavailable) >= 256:  # bounded whatever the keys
+                    self._unavailable.clear()
+                self._unavailable[unavailable] = section
+        return section
 
     def _filled_advice(self, template: str) -> str:
         """An advice text with the settings' cut-offs filled in (memoised: it depends only on
@@ -516,7 +543,7 @@ class CardBuilder:
     def _suggestion_json(texts: _SuggestionTexts, recommended: bool | None,
                          resource: dict[str, Any]) -> dict[str, Any]:
         """A suggestion's JSON, members in `protocol.Suggestion` order, with a fresh uuid."""
-        suggestion: dict[str, Any] = {"label": texts.label, "uuid": str(uuid.uuid4())}
+        suggestion: dict[str, Any] = {"label": texts.label, "uuid": uuid4()}
         if recommended is not None:
             suggestion["isRecommended"] = recommended
         suggestion["actions"] = [{"type": "create", "description": texts.action, "resource": resource}]
@@ -556,6 +583,16 @@ def build_service_request(*, loinc: str, display: str, text: str, facts: Patient
 
 # --- formatting helpers -----------------------------------------------------------------------
 
+def uuid4() -> str:
+    """`str(uuid.uuid4())` in a third of the time (two per card): the same 16 random bytes
+    from `os.urandom`, version 4 and the RFC 4122 variant set the same way, the same text."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    h = b.hex()
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
 INDICATORS = frozenset({"info", "warning", "critical"})
 
 
@@ -581,8 +618,19 @@ _UNIT_UNSAFE = re.compile(r"[^A-Za-z0-9/%. µμ]")
 def _unit_text(unit: str) -> str:
     """A unit from the record made safe for both plain-text summaries and markdown details: only
     letters, digits, "/", "%", ".", spaces and micro signs are kept (every unit of these analytes
-    fits), at most 20 characters."""
-    return " ".join(_UNIT_UNSAFE.sub("", unit).split())[:20]
+    fits), at most 20 characters.  Memoised for short units (a result's unit is shown twice per
+    card, and laboratories use a handful)."""
+    text = _UNIT_TEXTS.get(unit)
+    if text is None:
+        text = " ".join(_UNIT_UNSAFE.sub("", unit).split())[:20]
+        if len(unit) <= 32:
+            if len(_UNIT_TEXTS) >= 1024:
+                _UNIT_TEXTS.clear()
+            _UNIT_TEXTS[unit] = text
+    return text
+
+
+_UNIT_TEXTS: dict[str, str] = {}
 
 
 def _same_number(unit: str, canonical: str, value: float, equivalent: float) -> bool:

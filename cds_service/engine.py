@@ -24,6 +24,7 @@ from cds_service.cards import REQUEST_INTENTS, CardBuilder, CardTexts, RenderedC
 from cds_service.config import Settings
 from cds_service.facts import PatientFacts, derive_facts, head_gate, resource_needed
 from cds_service.fhir_validation import ValidationVerdicts
+from cds_service.frozen import fast_init
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.record import PatientRecord
 from cds_service.rules import Decision, decide
@@ -36,6 +37,7 @@ PolicyStep = Callable[[Decision, PatientFacts, datetime], "PolicyOutcome | None"
 """(decision, facts, now) -> the policy's verdict on the chosen card (None: no card chosen)."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class Evaluation:
     decision: Decision

@@ -35,6 +35,7 @@ from typing import Any
 
 from cds_service.config import Settings
 from cds_service.fhir_validation import ValidationVerdicts, is_valid_r4b
+from cds_service.frozen import fast_init
 from cds_service.knowledge import LOINC, Knowledge
 from cds_service.lab_values import ReadValue, is_plausible, read_value, unit_factor
 from cds_service.record import PatientRecord
@@ -101,6 +102,7 @@ _DATE_RE = re.compile(r"^(\d{4})(?:-(\d{2})(?:-(\d{2}))?)?")
 
 # --- fact records -----------------------------------------------------------------------------
 
+@fast_init
 @dataclass(frozen=True)
 class Match:
     """How one coded element (or medication text) matched a value set."""
@@ -113,6 +115,7 @@ class Match:
     """The matching coding's code as sent; None for a match by text."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class Evidence:
     """One record entry supporting a fact.  `label` is text from the record (unescaped)."""
@@ -138,6 +141,7 @@ class Evidence:
         return f"{self.resource_type}/{self.resource_id}" if self.resource_id else None
 
 
+@fast_init
 @dataclass(frozen=True)
 class RiskFactor:
     key: str
@@ -147,6 +151,7 @@ class RiskFactor:
     """A caveat the card states next to the risk factor (e.g. DURATION_UNKNOWN)."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class LabResult:
     """A B12, active-B12 or MMA result (final/amended/corrected, or in progress: `pending`)."""
@@ -175,6 +180,7 @@ class LabResult:
     """Registered/preliminary: the test is in progress; never banded."""
 
 
+@fast_init
 @dataclass(frozen=True)
 class PatientFacts:
     patient_id: str
@@ -241,7 +247,18 @@ def _codings(concept: Any) -> list[dict[str, Any]]:
 
 
 def _status_codes(concept: Any) -> set[str]:
-    return {c for c in (_s(x.get("code")) for x in _codings(concept)) if c}
+    """The non-blank codes of a status CodeableConcept (as `_codings` + `_s`, unrolled: it runs
+    twice for every matched Condition)."""
+    codes: set[str] = set()
+    if isinstance(concept, dict):
+        coding = concept.get("coding")
+        if isinstance(coding, list):
+            for c in coding:
+                if isinstance(c, dict):
+                    code = c.get("code")
+                    if isinstance(code, str) and code.strip():
+                        codes.add(code)
+    return codes
 
 
 def parse_date(value: Any, *, partial_end: bool = False) -> date | None:
@@ -249,6 +266,22 @@ def parse_date(value: Any, *, partial_end: bool = False) -> date | None:
 
     Partial dates take the first day of the year/month, or the last with `partial_end` (used for
     birth dates, so an age is never over-stated)."""
+    if type(value) is str and len(value) >= 10 and value[4] == "-" and value[7] == "-":
+        # Nearly every FHIR date starts "YYYY-MM-DD": read it without the regex.  The same
+        # answer as below: `isdecimal` is exactly `\d` (Unicode Nd), so the regex would read these
+        # three groups from the same characters (and a value starting with 4 digits has no
+        # leading space to strip).
+        year, month, day = value[:4], value[5:7], value[8:10]
+        if year.isdecimal() and month.isdecimal() and day.isdecimal():
+            try:
+                return date(int(year), int(month), int(day))
+            except ValueError:
+                return None
+    return _parse_date_text(value, partial_end)
+
+
+def _parse_date_text(value: Any, partial_end: bool) -> date | None:
+    """`parse_date` by the regex, for any value (the fast path above reads the common case)."""
     text = _s(value)
     if not text:
         return None
@@ -276,13 +309,25 @@ def age_on(birth: date, today: date) -> int:
 def _first_date(resource: dict[str, Any], *paths: str) -> date | None:
     """First readable date among dotted `paths` (e.g. "onsetPeriod.start")."""
     for path in paths:
-        node: Any = resource
-        for part in path.split("."):
-            node = _d(node).get(part)
+        first, rest = _PATH_PARTS.get(path) or _path_parts(path)
+        node: Any = resource.get(first) if isinstance(resource, dict) else None
+        for part in rest:
+            node = node.get(part) if isinstance(node, dict) else None
         found = parse_date(node)
         if found:
             return found
     return None
+
+
+_PATH_PARTS: dict[str, tuple[str, tuple[str, ...]]] = {}
+"""Memo of `_path_parts` (the paths are the few literals of this module)."""
+
+
+def _path_parts(path: str) -> tuple[str, tuple[str, ...]]:
+    """A dotted path as (first field, the fields below it)."""
+    first, *rest = path.split(".")
+    parts = _PATH_PARTS[path] = (first, tuple(rest))
+    return parts
 
 
 # --- validation -------------------------------------------------------------------------------
@@ -310,16 +355,62 @@ class _Validator:
 
 # --- matching ---------------------------------------------------------------------------------
 
+_CONCEPT_MEMO_LIMIT = 4096
+"""Entries kept in `Knowledge.concept_memo` (then it starts over, like knowledge.py's memos)."""
+_CONCEPT_MEMO_KEY_CHARS = 1024
+"""Only concepts with at most this many characters of text are kept: a few MiB at most."""
+
+
 def _match_concept(knowledge: Knowledge, concept: Any) -> Mapping[str, Match]:
-    """Value-set name -> `Match` for every set a CodeableConcept's codings fall in.
+    """Value-set name -> `Match` for every set a CodeableConcept's codings fall in (read-only:
+    the mapping is shared).
 
     This runs for every coded element of every resource, so it is written for speed: exact type
-    checks, no helper calls on the common no-match path."""
+    checks, and a memo of the answer by everything it depends on, the concept's text and each
+    coding's (system, code, display): records repeat the same concepts call after call.  Equal
+    keys give equal answers (a value that is not a string counts as absent wherever it stands,
+    so 1, 1.0 and True cannot be told apart, nor need to be); a list or object in one of those
+    places is unhashable and is matched without the memo."""
     if type(concept) is not dict:
         return _NO_MATCH
     codings = concept.get("coding")
     if type(codings) is not list:
         return _NO_MATCH
+    key: list[Any] = [concept.get("text")]
+    for coding in codings:
+        if type(coding) is dict:
+            key.append((coding.get("system"), coding.get("code"), coding.get("display")))
+        elif isinstance(coding, dict):  # a dict subclass (never from JSON): read without the memo
+            return _match_codings(knowledge, concept, codings)
+    memo_key = tuple(key)
+    memo = knowledge.concept_memo
+    try:
+        found = memo.get(memo_key)
+    except TypeError:  # unhashable: a list or object where a string belongs
+        return _match_codings(knowledge, concept, codings)
+    if found is None:
+        found = _match_codings(knowledge, concept, codings)
+        if _key_chars(memo_key) <= _CONCEPT_MEMO_KEY_CHARS:  # bounded memory, whatever is sent
+            if len(memo) >= _CONCEPT_MEMO_LIMIT:
+                memo.clear()
+            memo[memo_key] = found
+    return found
+
+
+def _key_chars(key: tuple[Any, ...]) -> int:
+    """Characters of the strings in a `_match_concept` memo key; "too many" when it holds
+    anything but strings and None (a number there is unusual, and may be any size)."""
+    total = 0
+    for value in (key[0], *(v for coding in key[1:] for v in coding)):
+        if type(value) is str:
+            total += len(value)
+        elif value is not None:
+            return _CONCEPT_MEMO_KEY_CHARS + 1
+    return total
+
+
+def _match_codings(knowledge: Knowledge, concept: dict[str, Any], codings: list[Any]) -> Mapping[str, Match]:
+    """`_match_concept` without the memo."""
     found: dict[str, Match] | None = None
     for coding in codings:
         if type(coding) is not dict:
@@ -339,7 +430,7 @@ def _match_concept(knowledge: Knowledge, concept: Any) -> Mapping[str, Match]:
                     continue
                 found[name] = Match(text or _s(coding.get("display"))
                                     or knowledge.display(name, system, code.strip()) or code, system, code)
-    return found if found else _NO_MATCH
+    return MappingProxyType(found) if found else _NO_MATCH
 
 
 def _concept_texts(concept: dict[str, Any]) -> list[str | None]:
@@ -391,10 +482,11 @@ def _match_medication(knowledge: Knowledge, resource: dict[str, Any],
         for name, match in _match_concept(knowledge, concept).items():
             if name in MEDICATION_SETS:
                 found.setdefault(name, match)
-        if isinstance(concept, dict):
-            texts += _concept_texts(concept)
     if found:
         return found  # a known code decides; free text may be stale or about something else
+    for concept in concepts:
+        if isinstance(concept, dict):
+            texts += _concept_texts(concept)
     for text in dict.fromkeys(texts):  # text and display are often the same string
         if text:
             for name in knowledge.match_text(text):
@@ -441,9 +533,6 @@ class _Collector:
     def add(self, name: str, ev: Evidence) -> None:
         self.by_set.setdefault(name, []).append(ev)
 
-    def get(self, name: str) -> tuple[Evidence, ...]:
-        return tuple(self.by_set.get(name, ()))
-
 
 def _dicts(resources: Iterable[Any]) -> Iterable[dict[str, Any]]:
     return (r for r in resources if isinstance(r, dict))
@@ -457,16 +546,24 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
     today = now.date() if isinstance(now, datetime) else now
     validator = _Validator(verdicts)
     col = _Collector(today, settings)
-    medications = {m["id"]: m for m in _dicts(record.medications) if type(m.get("id")) is str}
+    medications = {m["id"]: m for m in _dicts(record.medications) if type(m.get("id")) is str} \
+        if record.medications else {}
 
-    _conditions(record.conditions, knowledge, validator, col)
-    labs = _observations(record.observations, knowledge, validator, col)
-    _medications(record.medication_requests, "MedicationRequest", knowledge, validator, col, medications)
-    _medications(record.medication_statements, "MedicationStatement", knowledge, validator, col, medications)
+    # (A reader is not called for an empty group: most records have several.)
+    if record.conditions:
+        _conditions(record.conditions, knowledge, validator, col)
+    labs = _observations(record.observations, knowledge, validator, col) if record.observations else []
+    if record.medication_requests:
+        _medications(record.medication_requests, "MedicationRequest", knowledge, validator, col, medications)
+    if record.medication_statements:
+        _medications(record.medication_statements, "MedicationStatement", knowledge, validator, col, medications)
     _acid_suppressant_risk(col)
-    _procedures(record.procedures, knowledge, validator, col)
-    _service_requests(record.service_requests, knowledge, validator, col)
-    _draft_orders(record.draft_orders, knowledge, validator, col, medications)
+    if record.procedures:
+        _procedures(record.procedures, knowledge, validator, col)
+    if record.service_requests:
+        _service_requests(record.service_requests, knowledge, validator, col)
+    if record.draft_orders:
+        _draft_orders(record.draft_orders, knowledge, validator, col, medications)
 
     age = None
     patient = record.patient if isinstance(record.patient, dict) else None
@@ -474,6 +571,7 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
     if patient and birth and validator.ok(patient, "Patient"):
         age = age_on(birth, today)
 
+    found = {name: tuple(evidence) for name, evidence in col.by_set.items()}
     risks: list[RiskFactor] = []
     for key in RISK_FACTOR_ORDER:
         if key == "older-age":
@@ -481,40 +579,54 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
                 label = f"birth date {patient.get('birthDate')}"
                 risks.append(RiskFactor(key, (Evidence("older-age", label, "Patient", _s(patient.get("id"))),)))
         elif key == "acid-suppressants":
-            if col.get(key):
-                unknown = bool(col.get("acid-suppressants-duration-unknown"))
-                risks.append(RiskFactor(key, col.get(key), DURATION_UNKNOWN if unknown else None))
-        elif col.get(key):
-            risks.append(RiskFactor(key, col.get(key)))
+            if found.get(key):
+                unknown = bool(found.get("acid-suppressants-duration-unknown"))
+                risks.append(RiskFactor(key, found[key], DURATION_UNKNOWN if unknown else None))
+        elif found.get(key):
+            risks.append(RiskFactor(key, found[key]))
 
     onset = min(col.onsets) if col.onsets else None
-    chronic = bool(col.get("chronic-neck-pain")) or (
+    chronic = bool(found.get("chronic-neck-pain")) or (
         onset is not None and (today - onset).days >= settings.chronic_days)
+
+    b12: list[LabResult] = []
+    mma: list[LabResult] = []
+    active_b12: list[LabResult] = []
+    pending: list[LabResult] = []
+    for result in labs:
+        if result.pending:
+            pending.append(result)
+        elif result.analyte == "b12":
+            b12.append(result)
+        elif result.analyte == "mma":
+            mma.append(result)
+        elif result.analyte == "active-b12":
+            active_b12.append(result)
 
     patient_id = _s(getattr(context, "patient_id", None)) or (_s(patient.get("id")) if patient else None) or ""
     return PatientFacts(
         patient_id=patient_id,
         today=today,
         age_years=age,
-        neck_pain=col.get("neck-pain"),
+        neck_pain=found.get("neck-pain", ()),
         chronic=chronic,
         neck_pain_onset=onset,
-        neuropathic=col.get("neuropathic-features"),
-        mechanical=col.get("mechanical-causes"),
-        compressive=col.get("compressive-causes"),
-        red_flags=col.get("red-flags"),
+        neuropathic=found.get("neuropathic-features", ()),
+        mechanical=found.get("mechanical-causes", ()),
+        compressive=found.get("compressive-causes", ()),
+        red_flags=found.get("red-flags", ()),
         risk_factors=tuple(risks),
-        already_handled=col.get("b12-deficiency") + col.get("b12-replacement"),
-        neurological_red_flags=col.get("neurological-red-flags"),
-        peripheral_neuropathy=col.get("peripheral-neuropathy"),
-        suspected_deficiency=col.get("b12-deficiency-suspected") + col.get("b12-low-finding"),
-        b12_results=_newest_first([r for r in labs if r.analyte == "b12" and not r.pending]),
-        mma_results=_newest_first([r for r in labs if r.analyte == "mma" and not r.pending]),
-        pending_orders=col.get("pending-order"),
-        active_b12_results=_newest_first([r for r in labs if r.analyte == "active-b12" and not r.pending]),
-        pending_results=_newest_first([r for r in labs if r.pending]),
-        pregnancy=current_pregnancy(col.get("pregnancy"), col.get("pregnancy-ended"), today,
-                                    settings.pregnancy_days),
+        already_handled=found.get("b12-deficiency", ()) + found.get("b12-replacement", ()),
+        neurological_red_flags=found.get("neurological-red-flags", ()),
+        peripheral_neuropathy=found.get("peripheral-neuropathy", ()),
+        suspected_deficiency=found.get("b12-deficiency-suspected", ()) + found.get("b12-low-finding", ()),
+        b12_results=_newest_first(b12),
+        mma_results=_newest_first(mma),
+        pending_orders=found.get("pending-order", ()),
+        active_b12_results=_newest_first(active_b12),
+        pending_results=_newest_first(pending),
+        pregnancy=current_pregnancy(found["pregnancy"], found.get("pregnancy-ended", ()), today,
+                                    settings.pregnancy_days) if "pregnancy" in found else (),
         unavailable=frozenset(record.unavailable),
         skipped_resources=validator.skipped,
         skipped_references=tuple(validator.skipped_refs),
@@ -522,7 +634,14 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
 
 
 def _newest_first(results: list[LabResult]) -> tuple[LabResult, ...]:
-    return tuple(sorted(results, key=lambda r: r.on or date.min, reverse=True))
+    if len(results) < 2:  # the common case: nothing to sort
+        return tuple(results)
+    return tuple(sorted(results, key=_result_date, reverse=True))
+
+
+def _result_date(result: LabResult) -> date:
+    """Sort key: the result's date, results without one last (newest first)."""
+    return result.on or date.min
 
 
 def _abated(res: dict[str, Any], today: date) -> bool:
@@ -706,17 +825,28 @@ def _observations(resources: Iterable[Any], knowledge: Knowledge, validator: _Va
     return labs
 
 
+_LAB_SET_ORDER = ("b12-lab", "active-b12-lab", "mma-lab")
+
+
 def _lab_result(res: dict[str, Any], element: dict[str, Any], sets: Iterable[str], knowledge: Knowledge,
                 pending: bool) -> LabResult:
     """One result: `element` is the Observation itself or one of its components (the date, id and
     status are the Observation's).  The value is read wherever FHIR puts it (lab_values.read_value)
     and converted with the analyte's unit table; an implausible value is kept but not interpreted,
     and logged without the value or any patient data."""
-    set_name = next(n for n in ("b12-lab", "active-b12-lab", "mma-lab") if n in sets)
+    for set_name in _LAB_SET_ORDER:
+        if set_name in sets:
+            break
+    else:  # the callers pass a part of LAB_SETS that is not empty
+        raise ValueError(f"no laboratory value set in {sorted(sets)}")
     analyte = ANALYTE_OF_SET[set_name]
-    loinc = next((c.get("code").strip() for c in _codings(element.get("code"))
-                  if c.get("system") == LOINC and _s(c.get("code"))
-                  and set_name in knowledge.match_code(LOINC, c.get("code"))), "")
+    loinc = ""  # the first LOINC coding in the set, as sent (stripped)
+    for coding in _codings(element.get("code")):
+        if coding.get("system") == LOINC:
+            code = coding.get("code")
+            if _s(code) and set_name in knowledge.match_code(LOINC, code):
+                loinc = code.strip()
+                break
     on = _first_date(res, "effectiveDateTime", "effectivePeriod.start", "effectiveInstant", "issued")
     read: ReadValue | None = read_value(element)
     units = knowledge.lab_units(set_name)

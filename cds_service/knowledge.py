@@ -156,6 +156,9 @@ class Knowledge:
     """Memo of match_text_affirmed (problem-list texts repeat across patients)."""
     _text_cache: dict[str, frozenset[str]] = field(default_factory=dict, repr=False, compare=False)
     """Memo of match_text (medication texts repeat across refills)."""
+    concept_memo: dict[Any, Any] = field(default_factory=dict, repr=False, compare=False)
+    """A memo facts.py keeps of what a whole CodeableConcept matches (per Knowledge, as the
+    answer depends on the value sets); facts.py bounds it."""
 
     # -- loading ------------------------------------------------------------------------------
     @classmethod

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
+from cds_service.frozen import fast_init
+
 COMPARATORS = ("<=", ">=", "<", ">")
 _COMPARATOR_SPELLINGS = {"≤": "<=", "≥": ">=", "=<": "<=", "=>": ">="}
 _STRING_VALUE = re.compile(
@@ -34,6 +36,7 @@ _STRING_VALUE = re.compile(
 _DECIMAL_COMMA = re.compile(r"^[+-]?\d*,\d{1,2}$")
 
 
+@fast_init
 @dataclass(frozen=True)
 class ReadValue:
     """A result value as reported, and the number it means."""
@@ -69,10 +72,20 @@ class LabUnits:
 
 def normalize_unit(unit: str) -> str:
     """Canonical spelling of a unit for lookups: no spaces, lower case, micro as "u"."""
-    text = "".join(unit.split()).lower().replace("µ", "u").replace("μ", "u")
-    if text.startswith("mc"):
-        text = "u" + text[2:]
+    text = _NORMALIZED_UNITS.get(unit)
+    if text is None:
+        text = "".join(unit.split()).lower().replace("µ", "u").replace("μ", "u")
+        if text.startswith("mc"):
+            text = "u" + text[2:]
+        if len(unit) <= 32:  # units are short and few; anything else is not kept
+            if len(_NORMALIZED_UNITS) >= 1024:
+                _NORMALIZED_UNITS.clear()
+            _NORMALIZED_UNITS[unit] = text
     return text
+
+
+_NORMALIZED_UNITS: dict[str, str] = {}
+"""Memo of `normalize_unit` (each result's unit is normalised on every hook call)."""
 
 
 def parse_number(text: str) -> Decimal | None:
@@ -109,7 +122,7 @@ def read_value(element: Any) -> ReadValue | None:
         if comparator not in COMPARATORS:
             comparator = None
         code, unit = _str(qty.get("code")), _str(qty.get("unit"))
-        candidates = tuple(u for u in (code, unit) if u)
+        candidates = (code, unit) if code and unit else (code,) if code else (unit,) if unit else ()
         return ReadValue(number, text, comparator, unit or code, candidates)
     raw = element.get("valueInteger")
     if type(raw) is int:

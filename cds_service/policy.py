@@ -32,6 +32,7 @@ import orjson
 
 from cds_service.config import Settings
 from cds_service.facts import PatientFacts
+from cds_service.frozen import fast_init
 from cds_service.rules import Decision
 from cds_service.store import PolicyRecords, Store
 
@@ -45,6 +46,7 @@ NEW_RED_FLAGS = "new-red-flags"
 MORE_SERIOUS = "more-serious"
 
 
+@fast_init
 @dataclass(frozen=True)
 class Situation:
     """What a card was based on, as keyed hashes: enough to tell that it changed, nothing more."""
@@ -114,6 +116,7 @@ class Cause:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+@fast_init
 @dataclass(frozen=True)
 class PolicyOutcome:
     """The policy's verdict on the card the rules chose."""
@@ -213,6 +216,7 @@ class AlertPolicy:
         self.silent_services = settings.silent_service_set
         self.silent_kinds = settings.silent_card_kind_set
         self.lockout = timedelta(hours=settings.encounter_lockout_hours)
+        self._lockout_on = self.lockout > timedelta(0)
 
     def situation(self, decision: Decision, facts: PatientFacts) -> Situation:
         """Keyed-hash fingerprints of what the card is based on (see `Situation`)."""
@@ -222,7 +226,7 @@ class AlertPolicy:
             r = facts.b12_results[0]
             b12 = digest(f"b12\x00{r.resource_id}\x00{r.on}\x00{r.value}\x00{r.unit}")
         flags = frozenset(digest(f"flag\x00{e.reference or e.label}\x00{e.valueset}\x00{e.on}")
-                          for e in facts.red_flags)
+                          for e in facts.red_flags) if facts.red_flags else frozenset()
         return Situation(decision.indicator, b12, flags)
 
     def decide(self, decision: Decision, facts: PatientFacts, service_id: str, hook: str,
@@ -231,7 +235,7 @@ class AlertPolicy:
         if decision.kind is None:
             return None
         situation = self.situation(decision, facts)
-        lockout = hook in ORDER_HOOKS and bool(encounter_id) and self.lockout > timedelta(0)
+        lockout = hook in ORDER_HOOKS and bool(encounter_id) and self._lockout_on
         records: PolicyRecords = self.store.policy_records(
             patient_id, decision.kind, now, encounter_id if lockout else None,
             now - self.lockout if lockout else None)

@@ -8,8 +8,10 @@ raw JSON and only the resources the rules actually use are validated with fhir.r
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
+
+from cds_service.frozen import fast_init
 
 Resource = dict[str, Any]
 
@@ -30,6 +32,7 @@ PREFETCH_KEYS: tuple[str, ...] = (
 REQUIRED_KEYS: frozenset[str] = frozenset({"patient", "conditions"})
 
 
+@fast_init
 @dataclass(frozen=True)
 class PatientRecord:
     """Everything the rules may look at for one patient."""
@@ -46,7 +49,7 @@ class PatientRecord:
     `medicationReference` may point to."""
     draft_orders: tuple[Resource, ...] = ()
     """Resources from `context.draftOrders` (order-select / order-sign)."""
-    unavailable: frozenset[str] = field(default_factory=frozenset)
+    unavailable: frozenset[str] = frozenset()
     """Prefetch keys whose data could not be obtained (neither prefetched nor fetched)."""
 
     @classmethod
@@ -85,6 +88,6 @@ class PatientRecord:
             procedures=tuple(groups.get("Procedure", ())),
             service_requests=tuple(groups.get("ServiceRequest", ())),
             medications=tuple(groups.get("Medication", ())),
-            draft_orders=tuple(r for r in draft_orders if isinstance(r, dict)),
+            draft_orders=tuple(r for r in draft_orders if isinstance(r, dict)) if draft_orders else (),
             unavailable=unavailable,
         )

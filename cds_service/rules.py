@@ -27,6 +27,7 @@ from typing import Literal
 
 from cds_service.config import Settings
 from cds_service.facts import LabResult, PatientFacts
+from cds_service.frozen import fast_init
 
 CardKind = Literal["low-b12", "mma-test", "b12-test"]
 Band = Literal["low", "indeterminate", "normal"]
@@ -53,6 +54,7 @@ LOW_TOTAL_IN_PREGNANCY = "low-total-b12-in-pregnancy"
 INDETERMINATE_TOTAL_IN_PREGNANCY = "indeterminate-total-b12-in-pregnancy"
 
 
+@fast_init
 @dataclass(frozen=True)
 class Decision:
     kind: CardKind | None
@@ -114,6 +116,8 @@ def _days_ago(on: date, today: date) -> int:
 
 def _b12_tests(facts: PatientFacts) -> list[LabResult]:
     """Total and active B12 results, newest first (both are NICE NG239 initial tests)."""
+    if not facts.active_b12_results and len(facts.b12_results) < 2:  # the common case: nothing to sort
+        return list(facts.b12_results)
     return sorted(facts.b12_results + facts.active_b12_results, key=lambda r: r.on or date.min, reverse=True)
 
 

@@ -1,0 +1,175 @@
+"""The engine's fast paths answer exactly what the plain code they stand in for answers: the
+frozen dataclasses' faster `__init__`, the "YYYY-MM-DD" date reader, the memo of concept
+matches, the unit-spelling memo and the card uuids."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import uuid
+from datetime import date
+
+import pytest
+
+from cds_service import facts as facts_module
+from cds_service.cards import uuid4
+from cds_service.config import Settings
+from cds_service.facts import Evidence, Match, PatientFacts, parse_date
+from cds_service.frozen import fast_init
+from cds_service.knowledge import Knowledge
+from cds_service.lab_values import normalize_unit
+
+SNOMED = "http://snomed.info/sct"
+ICD10CM = "http://hl7.org/fhir/sid/icd-10-cm"
+
+
+@pytest.fixture(scope="module")
+def knowledge() -> Knowledge:
+    return Knowledge.load(Settings().valuesets_dir)
+
+
+# --- fast_init ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class _Plain:
+    a: str
+    b: int = 2
+    c: tuple[int, ...] = ()
+
+
+@fast_init
+@dataclasses.dataclass(frozen=True)
+class _Fast:
+    a: str
+    b: int = 2
+    c: tuple[int, ...] = ()
+
+
+def test_fast_init_builds_the_same_frozen_instance() -> None:
+    for args, kwargs in [(("x",), {}), (("x", 5), {}), ((), {"a": "x", "c": (1,)}), (("x",), {"c": (3,), "b": 1})]:
+        plain, fast = _Plain(*args, **kwargs), _Fast(*args, **kwargs)
+        assert repr(fast) == repr(plain).replace("_Plain", "_Fast")
+        assert dataclasses.astuple(fast) == dataclasses.astuple(plain)
+        assert hash(fast) == hash(_Fast(*args, **kwargs)) and fast == _Fast(*args, **kwargs)
+        assert vars(fast) == vars(plain) and list(vars(fast)) == ["a", "b", "c"]
+    fast = _Fast("x")
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        fast.a = "y"  # type: ignore[misc]
+    assert dataclasses.replace(fast, b=7) == _Fast("x", 7)
+    with pytest.raises(TypeError):
+        _Fast()  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        _Fast("x", d=1)  # type: ignore[call-arg]
+    with pytest.raises(TypeError):
+        _Fast("x", 1, (), 4)  # type: ignore[call-arg]
+
+
+def test_fast_init_refuses_fields_it_cannot_copy() -> None:
+    with pytest.raises(TypeError):
+        @fast_init
+        @dataclasses.dataclass(frozen=True)
+        class _Factory:
+            a: list[int] = dataclasses.field(default_factory=list)
+    with pytest.raises(TypeError):
+        @fast_init
+        @dataclasses.dataclass(frozen=True, slots=True)
+        class _Slots:
+            a: int = 1
+
+
+def test_engine_records_keep_their_dataclass_behaviour() -> None:
+    ev = Evidence("neck-pain", "Neck pain", "Condition", "c1", date(2024, 1, 2), SNOMED, "81680005")
+    assert ev == Evidence.of("neck-pain", Match("Neck pain", SNOMED, "81680005"), "Condition", "c1", date(2024, 1, 2))
+    assert ev.reference == "Condition/c1"
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        ev.label = "other"  # type: ignore[misc]
+    facts = PatientFacts("p", date(2026, 1, 1), 60, (ev,), True, None, (), (), (), (), (), (), (), (), ())
+    assert facts.skipped_resources == 0 and facts.pregnancy == () and facts.unavailable == frozenset()
+    assert [f.name for f in dataclasses.fields(facts)] == list(vars(facts))
+
+
+# --- parse_date ----------------------------------------------------------------------------------
+
+def test_parse_date_fast_path_reads_as_the_regex() -> None:
+    rng = random.Random(7)
+    alphabet = "0123456789-T:Z+ \n\u0660\u0661\u00b2x."  # ASCII and Arabic-Indic digits, a superscript
+    cases = ["2024-01-02", "2024-02-30", "0000-01-01", "2024-13-01", " 2024-01-02", "2024-01-0x",
+             "\u0661\u0669\u0669\u0660-\u0660\u0661-\u0660\u0662", "2024-0\u00b2-01", "2024-01-02\u00e9"]
+    for _ in range(20000):
+        cases.append("".join(rng.choice(alphabet) for _ in range(rng.randint(8, 14))))
+        chars = list("2024-05-17T10:00")
+        chars[rng.randrange(len(chars))] = rng.choice(alphabet)
+        cases.append("".join(chars))
+    for text in cases:
+        for partial_end in (False, True):
+            expected = facts_module._parse_date_text(text, partial_end)  # the regex alone
+            assert parse_date(text, partial_end=partial_end) == expected, text
+
+
+# --- the memo of concept matches -------------------------------------------------------------
+
+def _concept(text=None, *codings):
+    concept = {"coding": [dict(c) for c in codings]}
+    if text is not None:
+        concept["text"] = text
+    return concept
+
+
+def test_concept_memo_answers_what_matching_answers(knowledge: Knowledge) -> None:
+    np_snomed = {"system": SNOMED, "code": "81680005", "display": "Neck pain"}
+    concepts = [
+        _concept("Cervicalgia", np_snomed),
+        _concept(None, np_snomed),
+        _concept("Cervicalgia", {**np_snomed, "display": "Other words"}),
+        _concept("Cervicalgia", {"system": ICD10CM, "code": "M54.2"}, np_snomed),
+        _concept(5, {**np_snomed, "code": 81680005}),
+        _concept(["a list"], np_snomed),  # unhashable: matched without the memo
+        _concept("x", {**np_snomed, "display": {"an": "object"}}),
+        _concept("x" * 3000, np_snomed),  # too long to keep
+        {"coding": ["not a coding", np_snomed]},
+        {"coding": "not a list"},
+    ]
+    for concept in concepts:
+        codings = concept.get("coding")
+        plain = (facts_module._match_codings(knowledge, concept, codings)
+                 if isinstance(codings, list) else facts_module._NO_MATCH)
+        for _ in range(2):  # computed, then remembered
+            assert dict(facts_module._match_concept(knowledge, concept)) == dict(plain)
+
+
+def test_concept_memo_never_reuses_an_answer_for_other_words(knowledge: Knowledge) -> None:
+    first = facts_module._match_concept(knowledge, _concept("Cervicalgia", {"system": SNOMED, "code": "81680005"}))
+    other = facts_module._match_concept(knowledge, _concept("Neck ache", {"system": SNOMED, "code": "81680005"}))
+    assert first["neck-pain"].label == "Cervicalgia" and other["neck-pain"].label == "Neck ache"
+    nothing = facts_module._match_concept(knowledge, _concept("Cervicalgia", {"system": SNOMED, "code": "1"}))
+    assert not nothing
+
+
+def test_concept_memo_is_bounded(knowledge: Knowledge, monkeypatch) -> None:
+    monkeypatch.setattr(facts_module, "_CONCEPT_MEMO_LIMIT", 3)
+    knowledge.concept_memo.clear()
+    for i in range(10):
+        facts_module._match_concept(knowledge, _concept(f"text {i}", {"system": SNOMED, "code": "81680005"}))
+        assert len(knowledge.concept_memo) <= 3
+    long_text = _concept("y" * 2000, {"system": SNOMED, "code": "81680005"})
+    facts_module._match_concept(knowledge, long_text)
+    assert all(key[0] != long_text["text"] for key in knowledge.concept_memo)
+
+
+# --- units and uuids ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("unit,expected", [("pg/mL", "pg/ml"), (" µmol / L ", "umol/l"), ("mcmol/L", "umol/l"),
+                                           ("μmol/L", "umol/l"), ("x" * 40, "x" * 40)])
+def test_normalize_unit_remembered_or_not(unit: str, expected: str) -> None:
+    assert normalize_unit(unit) == expected
+    assert normalize_unit(unit) == expected
+
+
+def test_card_uuids_are_random_version_4() -> None:
+    seen = set()
+    for _ in range(2000):
+        text = uuid4()
+        parsed = uuid.UUID(text)
+        assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+        seen.add(text)
+    assert len(seen) == 2000
