@@ -245,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
         out()
         out(f"The read alone: `Store.policy_records` (suppression primary key + encounter index, one "
             f"statement) on a store holding {pr.stored_rows:,} suppressions and {pr.stored_rows:,} issued "
-            f"cards of other patients, {pr.reads:,} reads. Its share of a hook call: the typical patient's "
+            f"cards of other patients, {pr.reads:,} reads, each for a patient not looked up before (a "
+            "process remembers its suppression lookups until a suppression changes). Its share of a hook call: the typical patient's "
             "patient-view call (part 1's request) with the real read vs. a read that returns nothing, "
             "alternating in chunks of 10.")
         out()

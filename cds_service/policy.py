@@ -16,7 +16,8 @@ A changed situation breaks 1 and 2: a new B12 result, new red-flag evidence, or 
 the card was info.  To compare without keeping record data, each card is recorded with a
 `Situation`: keyed hashes (store.keyed_digest) of the newest B12 result and of each red-flag
 record, and the card's indicator.  The cost on the hook path is one indexed read
-(`Store.policy_records`), made only when the rules chose a card.
+(`Store.policy_records`), made only when the rules chose a card (with SQLite, the suppression
+part is remembered per process until any process changes a suppression).
 """
 
 from __future__ import annotations

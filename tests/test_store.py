@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from cds_service.config import Settings
-from cds_service.store import SCHEMA_VERSION, IssuedCard, Store
+from cds_service.store import SCHEMA_VERSION, IssuedCard, PolicyRecords, Store, timestamp_text
 
 SVC = "b12-neck-pain-patient-view"
 OTHER_SVC = "b12-neck-pain-order-sign"
@@ -167,7 +167,7 @@ class StoreContract:
         monkeypatch.undo()
 
         store = open_store()
-        assert store.schema_version() == SCHEMA_VERSION == 3
+        assert store.schema_version() == SCHEMA_VERSION
         store.record_issued_cards(SVC, "h2", "p1", [IssuedCard("new-1", "kind-a", ("new-1-s",))])
         result = store.save_feedback(SVC, [accepted("old-1", "old-1-s"), accepted("old-2", "new-1-s"),
                                            accepted("new-1", "new-1-s")])
@@ -270,6 +270,31 @@ class StoreContract:
         assert len(stores[0].feedback_rows()) == 8 * 40
         for s in stores:
             s.close()
+
+    # --- alert policy records ---------------------------------------------------------------
+
+    def test_policy_records_follow_suppressions_written_and_cleared_by_another_worker(self, open_store):
+        """A worker that already looked the patient up sees, on its next read, the suppression
+        another worker's feedback wrote, then its removal; the lockout is read every time."""
+        reader, writer = open_store(), open_store()
+        now = datetime.now(timezone.utc)
+        since = now - timedelta(hours=1)
+        assert reader.policy_records("p1", "b12-test", now) == PolicyRecords()
+        assert reader.policy_records("p1", "b12-test", now, "enc-1", since) == PolicyRecords()
+        writer.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))],
+                                   encounter_id="enc-1")
+        lock = reader.policy_records("p1", "b12-test", now + timedelta(seconds=1), "enc-1", since).lockout
+        assert lock is not None and lock.service_id == SVC
+        writer.save_feedback(SVC, [overridden("c1", code="done", ts=timestamp_text(now))],
+                             suppression_days=lambda *a: 30)
+        sup = reader.policy_records("p1", "b12-test", now).suppression
+        assert sup is not None and (sup.outcome, sup.reason_code) == ("overridden", "done")
+        assert reader.policy_records("p1", "b12-test", now + timedelta(days=31)).suppression is None
+        assert reader.policy_records("p2", "b12-test", now).suppression is None
+        assert writer.clear_suppressions(["p1"]) == 1
+        assert reader.policy_records("p1", "b12-test", now) == PolicyRecords()
+        reader.close()
+        writer.close()
 
     # --- report ----------------------------------------------------------------------------
 
@@ -389,6 +414,7 @@ class TestSqliteStore(StoreContract):
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
         assert conn.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
         assert conn.execute("PRAGMA busy_timeout").fetchone()[0] >= 5000
+        assert conn.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 4000
         db = tmp_path / "data" / "cds.sqlite3"
         store.save_feedback(SVC, [overridden("c1", comment="free text may name the patient")])
         for path in (db, db.with_name("cds.sqlite3-wal")):
@@ -420,6 +446,158 @@ class TestSqliteStore(StoreContract):
                                                     IssuedCard("c2", "b12-test", ("s3",))])
         store._connection().set_trace_callback(None)
         assert len(statements) == 1 and statements[0].startswith("INSERT INTO issued_cards")
+
+    # --- the policy cache (SQLite) ----------------------------------------------------------
+
+    @staticmethod
+    def _statements(store: Store, call: Callable[[], object]) -> list[str]:
+        """The SQL statements `call` sends on `store`'s connection."""
+        sent: list[str] = []
+        conn = store._connection()
+        conn.set_trace_callback(sent.append)
+        try:
+            call()
+        finally:
+            conn.set_trace_callback(None)
+        return sent
+
+    def test_a_suppression_lookup_is_remembered_until_a_suppression_changes(self, open_store):
+        reader, writer = open_store(), open_store()
+        now = datetime.now(timezone.utc)
+        writer.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))])
+        read = lambda: reader.policy_records("p1", "b12-test", now)  # noqa: E731
+        assert len(self._statements(reader, read)) == 1
+        assert self._statements(reader, read) == []
+        assert reader.policy_records("p1", "b12-test", now) == PolicyRecords()
+        # issued cards (every hook call, every worker) do not move the generation
+        writer.record_issued_cards(SVC, "h2", "p1", [IssuedCard("c2", "b12-test")])
+        assert self._statements(reader, read) == []
+        writer.save_feedback(SVC, [overridden("c1", code="done", ts=timestamp_text(now))],
+                             suppression_days=lambda *a: 30)
+        assert len(self._statements(reader, read)) == 1
+        assert read().suppression is not None
+        assert self._statements(reader, read) == []
+        # with an encounter only the lockout is read
+        lockout = self._statements(reader, lambda: reader.policy_records(
+            "p1", "b12-test", now, "enc-1", now - timedelta(hours=1)))
+        assert len(lockout) == 1 and "suppressions" not in lockout[0]
+
+    def test_the_policy_cache_sees_feedback_given_in_another_process(self, tmp_path):
+        settings = Settings(data_dir=str(tmp_path / "data"))
+        store = Store.open(settings)
+        now = datetime.now(timezone.utc)
+        store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))])
+        assert store.policy_records("p1", "b12-test", now).suppression is None  # now cached
+
+        def in_child(work: Callable[[Store], object]) -> None:
+            pid = os.fork()
+            if pid == 0:
+                try:
+                    work(Store.open(settings))
+                finally:
+                    os._exit(0)
+            os.waitpid(pid, 0)
+
+        in_child(lambda s: s.save_feedback(SVC, [overridden("c1", ts=timestamp_text(now))],
+                                           suppression_days=lambda *a: 30))
+        assert store.policy_records("p1", "b12-test", now).suppression is not None
+        in_child(lambda s: s.clear_suppressions(["p1"]))
+        assert store.policy_records("p1", "b12-test", now).suppression is None
+
+    def test_a_forked_worker_does_not_share_the_parents_generation_lock(self, tmp_path):
+        """`flock` belongs to the open file, which fork() shares: a worker opens its own."""
+        store = Store.open(Settings(data_dir=str(tmp_path / "data")))
+        store.policy_records("p1", "b12-test", datetime.now(timezone.utc))
+        parents = store._suppression_generation()
+        pid = os.fork()
+        if pid == 0:
+            try:
+                mine = store._suppression_generation()
+                os._exit(0 if mine is not parents and mine.pid == os.getpid() else 1)
+            finally:
+                os._exit(2)
+        assert os.waitpid(pid, 0)[1] == 0
+        assert store._suppression_generation() is parents
+
+    def test_a_writer_killed_between_commit_and_the_end_of_its_change_turns_caching_off(self, tmp_path):
+        """The generation stays odd: every read goes to the database (and sees the committed
+        suppression) until another writer ends its change."""
+        settings = Settings(data_dir=str(tmp_path / "data"))
+        store = Store.open(settings)
+        now = datetime.now(timezone.utc)
+        store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))])
+        store.record_issued_cards(SVC, "h2", "p2", [IssuedCard("c2", "b12-test", ("s2",))])
+        assert store.policy_records("p1", "b12-test", now).suppression is None
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child = Store.open(settings)
+                child._end_suppression_change = lambda conn: os._exit(0)  # killed right after COMMIT
+                child.save_feedback(SVC, [overridden("c1", ts=timestamp_text(now))],
+                                    suppression_days=lambda *a: 30)
+            finally:
+                os._exit(1)
+        os.waitpid(pid, 0)
+        assert [r["card_uuid"] for r in store.suppression_rows()] == ["c1"]
+        read = lambda: store.policy_records("p1", "b12-test", now)  # noqa: E731
+        for _ in range(2):
+            assert len(self._statements(store, read)) == 1
+            assert read().suppression is not None
+        store.save_feedback(SVC, [overridden("c2", ts=timestamp_text(now))],
+                            suppression_days=lambda *a: 30)
+        assert len(self._statements(store, read)) == 1
+        assert self._statements(store, read) == []
+
+    def test_a_connection_without_the_change_function_cannot_change_suppressions(self, store, tmp_path):
+        """Older code or the sqlite3 shell would change a suppression behind the caches' back:
+        the triggers make that fail instead; reading still works."""
+        import sqlite3
+
+        store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))])
+        store.save_feedback(SVC, [overridden("c1")], suppression_days=lambda *a: 30)
+        raw = sqlite3.connect(tmp_path / "data" / "cds.sqlite3")
+        try:
+            assert raw.execute("SELECT count(*) FROM suppressions").fetchone() == (1,)
+            for sql in ("DELETE FROM suppressions", "UPDATE suppressions SET until = ''",
+                        "INSERT INTO suppressions SELECT 'x', kind, card_uuid, service_id, outcome,"
+                        " reason_system, reason_code, reason_display, feedback_at, until, situation"
+                        " FROM suppressions"):
+                with pytest.raises(sqlite3.OperationalError, match="no such function"):
+                    raw.execute(sql)
+        finally:
+            raw.close()
+        assert len(store.suppression_rows()) == 1
+
+    def test_migration_to_v4_keeps_the_data_and_drops_the_issued_at_index(self, open_store, monkeypatch):
+        import cds_service.store as store_module
+
+        monkeypatch.setattr(store_module, "SCHEMA_VERSION", 3)
+        old = open_store()
+        assert old.schema_version() == 3
+        now = datetime.now(timezone.utc)
+        old.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))],
+                                encounter_id="enc-1")
+        with old._transaction() as cur:  # v3 has no triggers: written as v3 code did
+            cur.execute("INSERT INTO suppressions (patient_hash, kind, card_uuid, service_id, outcome,"
+                        " reason_system, reason_code, reason_display, feedback_at, until, situation)"
+                        " VALUES (?, 'b12-test', 'c1', ?, 'overridden', NULL, NULL, NULL, ?, ?, NULL)",
+                        (old.patient_hash("p1"), SVC, timestamp_text(now),
+                         timestamp_text(now + timedelta(days=30))))
+        old.close()
+        monkeypatch.undo()
+
+        store = open_store()
+        assert store.schema_version() == SCHEMA_VERSION == 4
+        conn = store._connection()
+        names = {r[0] for r in conn.execute("SELECT name FROM sqlite_master")}
+        assert "issued_cards_issued_at" not in names
+        assert {"suppressions_insert", "suppressions_update", "suppressions_delete"} <= names
+        records = store.policy_records("p1", "b12-test", now, "enc-1", now - timedelta(hours=1))
+        assert records.suppression is not None and records.lockout is not None
+        assert store.feedback_report(since=now.date())["totals"]["issued"] == 1
+        assert store.clear_suppressions(["p1"]) == 1
+        assert store.policy_records("p1", "b12-test", now).suppression is None
+        store.close()
 
     def test_generated_patient_key_is_private_and_shared_by_every_worker(self, tmp_path):
         settings = Settings(data_dir=str(tmp_path / "data"))
