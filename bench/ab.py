@@ -105,9 +105,13 @@ def stub_evaluation(hooks_module: ModuleType, answer: dict[str, Any], json_respo
     if not hasattr(hooks_module, "_evaluate_hook"):
         raise SystemExit(f"{hooks_module.__name__} has no _evaluate_hook: the fixed rows cannot stub it")
 
-    def evaluate(svc: Any) -> Any:
+    def evaluate(*args: Any) -> Any:
         g.hook_instance = "bench-small"
-        g.log_counts = {"cards": 1, "card_kinds": ["b12_test"], "reason": "risk-factors", "policy": "shown"}
+        counts = {"cards": 1, "card_kinds": ["b12_test"], "reason": "risk-factors", "policy": "shown"}
+        if len(args) == 4:  # (services, service, request, fields): the line's fields are filled in
+            args[3].update(counts, hook_instance="bench-small")
+        else:  # earlier revisions, (service): the fields went through `g`
+            g.log_counts = counts
         return json_response(answer)
 
     hooks_module._evaluate_hook = evaluate

@@ -25,6 +25,12 @@ def test_discovery_answers_with_and_without_trailing_slash(client) -> None:
     (lambda c: c.get("/no/such/path"), 404, "no such endpoint"),
     (lambda c: c.delete(PV), 405, "method not allowed"),
     (lambda c: c.post(PV, data=b"x", content_type="text/plain"), 415, "must be application/json"),
+    # Raised outside the views too: the limits checked before any view, the body the front refused.
+    (lambda c: c.get("/healthz", headers={"X-Long": "a" * 9000}), 431, "longer than 8192 bytes"),
+    (lambda c: c.post(PV, json={}, headers={"X-Cds-Front-Error": "413"}), 413, "request body too large"),
+    (lambda c: c.get("/healthz", headers={"X-Cds-Front-Error": "408"}), 408, "not received in time"),
+    (lambda c: c.post(PV, json={"hook": "patient-view", "hookInstance": "h-412", "prefetch": {"patient": None},
+                                "context": {"userId": "Practitioner/1", "patientId": "p"}}), 412, "required FHIR data could not be obtained"),
 ])
 def test_every_4xx_is_logged_with_its_reason(client, service_log, call, status, reason) -> None:
     resp = call(client)

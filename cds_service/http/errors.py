@@ -6,6 +6,9 @@ headers (`no-store`: hook answers carry patient-derived text; `nosniff`)."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
 import orjson
 from flask import Flask, Response, g, request
 from werkzeug.exceptions import HTTPException
@@ -69,6 +72,41 @@ _ENVIRON_BODY_HEADERS = frozenset({"HTTP_CONTENT_TYPE", "HTTP_CONTENT_LENGTH"})
 skips their HTTP_ copies; `oversized_header` looks at the same set."""
 
 
+WsgiApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
+class AnswerHeaders:
+    """WSGI middleware around the Flask app: the security headers and the CORS headers on every
+    answer (errors and preflight included), added to the header list the app hands to the server.
+
+    Each is added only when the app did not set it (the demo page sets its own `Cache-Control`,
+    a view may answer CORS itself).  At this level the headers are a plain list of tuples: the
+    same work through werkzeug's `Headers` in an `after_request` hook (a scan for the names
+    present, then validated `add`s) was a visible part of a small hook call's fixed cost.
+    """
+
+    def __init__(self, app: WsgiApp, cors_headers: Callable[[Mapping[str, str]], list[tuple[str, str]]]) -> None:
+        self.app = app
+        self.cors_headers = cors_headers
+
+    def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        cors_headers = self.cors_headers
+
+        def start(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
+            present = {name.lower() for name, _ in headers}
+            for lowered, header in _SECURITY_HEADERS_LOWERED:
+                if lowered not in present:
+                    headers.append(header)
+            if "access-control-allow-origin" not in present:
+                headers += cors_headers(environ)
+            return start_response(status, headers, exc_info)
+
+        return self.app(environ, start)
+
+
+_SECURITY_HEADERS_LOWERED = tuple((name.lower(), (name, value)) for name, value in SECURITY_HEADERS)
+
+
 def json_response(payload: object, status: int = 200) -> Response:
     """Serialise with orjson (the hook path's JSON is large; orjson is several times faster)."""
     return Response(orjson.dumps(payload), status=status, mimetype="application/json")
@@ -78,9 +116,22 @@ def outcome_response(status: int, diagnostics: str, **kwargs: object) -> Respons
     return json_response(operation_outcome(status, diagnostics, **kwargs), status)
 
 
+def _log_client_error(status: int, reason: str) -> None:
+    """Every 4xx leaves a line on the service side, so an integrator whose EHR got one can see
+    why.  The reason is our own diagnostics (field names, limits), never request values.
+
+    Written by the error handlers, which answer every 4xx of this app (no view returns one
+    itself; tests/test_integrator_logs.py covers each kind): an `after_request` hook asking
+    every answer for its status was a visible part of a small hook call's fixed cost."""
+    if 400 <= status < 500:
+        log.warning("client_error", extra={
+            "event": "client_error", "status": status, "method": request.method,
+            "path": request.path[:200], "hook_instance": g.get("hook_instance"), "reason": reason})
+
+
 def register(app: Flask) -> None:
     """Install the request-size checks, the per-answer headers (security, CORS: on every answer,
-    errors and preflight included), the 4xx log line and the JSON error handlers."""
+    errors and preflight included), the JSON error handlers and their 4xx log line."""
     settings = app.extensions["cds"].settings
     cors_headers = settings.cors_policy.answer_headers
     max_header_bytes = settings.max_header_bytes
@@ -99,33 +150,12 @@ def register(app: Flask) -> None:
             # The name only: the value may be a token.
             raise CdsError(431, f"header {name[:64]!r} longer than {max_header_bytes} bytes")
 
-    @app.after_request
-    def _finish_answer(response: Response) -> Response:
-        # One hook for what every answer gets (three separate ones cost a visible part of a
-        # small hook call), in the order they ran as separate hooks.
-        status = response.status_code
-        if 400 <= status < 500:
-            # Every 4xx leaves a line on the service side, so an integrator whose EHR got one can
-            # see why.  The reason is our own diagnostics (field names, limits), never request values.
-            log.warning("client_error", extra={
-                "event": "client_error", "status": status, "method": request.method,
-                "path": request.path[:200], "hook_instance": g.get("hook_instance"),
-                "reason": g.get("error_reason", HTTP_MESSAGES.get(status))})
-        # The names present, from one pass over the headers: werkzeug's `in` and `setdefault`
-        # build an exception object for every absent name, the usual case here.
-        headers = response.headers
-        present = {name.lower() for name, _ in headers}
-        for name, value in SECURITY_HEADERS:
-            if name.lower() not in present:
-                headers.add(name, value)
-        if "access-control-allow-origin" not in present:  # a view may have answered CORS itself
-            for name, value in cors_headers(request.environ):
-                headers.add(name, value)
-        return response
+    app.wsgi_app = AnswerHeaders(app.wsgi_app, cors_headers)  # type: ignore[method-assign]
 
     @app.errorhandler(CdsError)
     def _cds_error(err: CdsError) -> Response:
         g.error_reason = getattr(err, "log_reason", None) or err.diagnostics[:300]
+        _log_client_error(err.status, g.error_reason)
         response = json_response(err.outcome(), err.status)
         if err.status == 401:
             response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750; no detail on purpose
@@ -135,6 +165,7 @@ def register(app: Flask) -> None:
     def _http_error(err: HTTPException) -> Response:
         status = err.code or 500
         g.error_reason = HTTP_MESSAGES.get(status, err.name)
+        _log_client_error(status, g.error_reason)
         response = outcome_response(status, g.error_reason)
         # Keep protocol headers werkzeug computed (e.g. `Allow` on 405, required by RFC 9110).
         for name, value in err.get_headers():

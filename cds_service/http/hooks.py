@@ -22,7 +22,7 @@ from flask import Blueprint, Request, Response, g, request
 from werkzeug.exceptions import HTTPException
 
 from cds_service import metrics, wire
-from cds_service.services import services
+from cds_service.services import Services, services
 from cds_service.http.errors import FRONT_ERROR_ENVIRON, front_error, json_response
 from cds_service.logs import get_logger, write_event
 from cds_service.engine import Evaluation
@@ -31,7 +31,7 @@ from cds_service.facts import PatientFacts
 from cds_service.policy import PolicyOutcome
 from cds_service.rules import Decision
 from cds_service.protocol import CdsError, HookRequest, cards_response, invalid_json, parse_hook_request
-from cds_service.store import IssuedCard
+from cds_service.store import IssuedCard, Store
 
 blueprint = Blueprint("hooks", __name__)
 log = get_logger("hooks")
@@ -91,12 +91,17 @@ def discovery() -> Response:
 @blueprint.post("/cds-services/<service_id>")
 def call_service(service_id: str) -> Response:
     started = time.perf_counter()
-    svc = service_definitions().get(service_id)
+    s = services()
+    svc = load_service_definitions(s.settings.cards_dir).get(service_id)
     if svc is None:
         raise CdsError(404, f"unknown CDS service {service_id[:64]!r}")
     status = 500
+    # What the hook's log line says beyond service/status/timing, filled in as it becomes known.
+    counts: dict[str, object] = {}
     try:
-        response = _evaluate_hook(svc)
+        # The request object itself, not the `request` proxy: every attribute read through the
+        # proxy costs a context-variable lookup, and the hook path reads dozens.
+        response = _evaluate_hook(s, svc, request._get_current_object(), counts)  # type: ignore[attr-defined]
         status = response.status_code
         return response
     except (CdsError, HTTPException) as err:  # werkzeug raises 413 past MAX_CONTENT_LENGTH
@@ -108,10 +113,9 @@ def call_service(service_id: str) -> Response:
         requests_counted.inc()
         latency.observe(elapsed)
         if log.isEnabledFor(logging.INFO):
-            fields = {"event": "hook", "service": service_id, "status": status,
-                      "hook_instance": g.get("hook_instance"), "duration_ms": round(elapsed * 1000, 2)}
-            fields.update(g.get("log_counts", ()))
-            write_event(log, logging.INFO, "hook", fields)
+            counts.update(event="hook", service=service_id, status=status,
+                          duration_ms=round(elapsed * 1000, 2))
+            write_event(log, logging.INFO, "hook", counts)
 
 
 @lru_cache(maxsize=256)
@@ -123,14 +127,14 @@ def _hook_metrics(service_id: str, status: int) -> tuple[Any, Any]:
             metrics.LATENCY.labels(service_id, str(status)))
 
 
-def _evaluate_hook(svc: ServiceDefinition) -> Response:
-    s = services()
-    s.verifier.verify(request)
-    body = read_json_body(request, max_depth=s.settings.max_json_depth, lazy_prefetch=True)
+def _evaluate_hook(s: Services, svc: ServiceDefinition, req: Request, counts: dict[str, object]) -> Response:
+    """The hook call proper (`counts`: the log line's fields, filled in here)."""
+    s.verifier.verify(req)
+    body = read_json_body(req, max_depth=s.settings.max_json_depth, lazy_prefetch=True)
     hook_request = parse_hook_request(body, svc.hook, max_string_length=s.settings.max_string_length)
-    g.hook_instance = hook_request.hook_instance
+    g.hook_instance = counts["hook_instance"] = hook_request.hook_instance  # g: for the error handlers' lines
 
-    gathered = s.patient_data.gather(hook_request, prefetch_templates(svc.hook),
+    gathered = s.patient_data.gather(hook_request, s.patient_data.prefetch_templates(svc.hook, s.engine),
                                      needed=s.engine.resource_needed, needed_head=s.engine.head_needed)
     context = hook_request.context
 
@@ -140,23 +144,24 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
 
     evaluation = s.engine.evaluate(gathered.record, hook_request, policy=policy)
     if s.record_cards:
-        _record_issued(svc.id, hook_request, evaluation)
+        _record_issued(svc.id, hook_request, evaluation, s.store)
 
     if gathered.fhir_calls:  # the all-prefetch case adds nothing (no write to the metric files)
         metrics.FHIR_CALLS.inc(gathered.fhir_calls)
     if gathered.failed_keys:
         metrics.FHIR_FAILURES.inc(len(gathered.failed_keys))
-    g.log_counts = {
-        "cards": len(evaluation.cards),
-        "card_kinds": sorted(set(evaluation.card_kinds.values())) or None,
-        "reason": evaluation.reason,
-        "policy": evaluation.policy.delivery if evaluation.policy else None,
-        "withheld_by": evaluation.policy.log_detail() if evaluation.policy else None,
-        "keys_fetched": list(gathered.fetched_keys) or None,
-        "keys_failed": list(gathered.failed_keys) or None,
-        "fhir_calls": gathered.fhir_calls or None,
-        "skipped_resources": (gathered.skipped_resources + evaluation.skipped_resources) or None,
-    }
+    verdict = evaluation.policy
+    counts.update(
+        cards=len(evaluation.cards),
+        card_kinds=sorted(set(evaluation.card_kinds.values())) or None,
+        reason=evaluation.reason,
+        policy=verdict.delivery if verdict else None,
+        withheld_by=verdict.log_detail() if verdict else None,
+        keys_fetched=list(gathered.fetched_keys) or None,
+        keys_failed=list(gathered.failed_keys) or None,
+        fhir_calls=gathered.fhir_calls or None,
+        skipped_resources=(gathered.skipped_resources + evaluation.skipped_resources) or None,
+    )
     answer = cards_response(evaluation.cards)
     if s.settings.demo_mode or s.settings.dev_mode:  # patient data: never in production answers
         explanation = explain(evaluation, unavailable_wording=s.engine.texts.common.get("unavailable_data"))
@@ -170,7 +175,8 @@ def _evaluate_hook(svc: ServiceDefinition) -> Response:
     return json_response(answer)
 
 
-def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evaluation) -> None:
+def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evaluation,
+                   store: Store) -> None:
     """Remember each card the rules chose, so feedback can be tied to its kind and the report
     can count what the policy withheld (the patient id is hashed)."""
     verdict = evaluation.policy
@@ -188,7 +194,7 @@ def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evalu
                                  withheld_by=json.dumps(cause, separators=(",", ":"))))
     if not issued:
         return
-    services().store.record_issued_cards(service_id, hook_request.hook_instance,
+    store.record_issued_cards(service_id, hook_request.hook_instance,
                                          hook_request.context.patient_id, issued,
                                          encounter_id=hook_request.context.encounter_id)
     for card in issued:
