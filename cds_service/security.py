@@ -65,6 +65,8 @@ JWKS_REFETCH_MIN_SECONDS = 60.0
 JWKS_CONNECT_TIMEOUT = 3.0
 JWKS_READ_TIMEOUT = 5.0
 JWKS_MAX_BYTES = 512 * 1024
+MAX_VERIFYING_KEYS = 64
+"""Key objects a verifier keeps built (`RequestVerifier._verifying_key`)."""
 
 _SAFE_LOG_VALUE = re.compile(r"[^A-Za-z0-9._:/@+=-]")
 
@@ -286,6 +288,8 @@ class RequestVerifier:
         self._report_issuers = {**self.issuers, **self.admin_issuers}
         self._caches: dict[str, JwksCache] = {}
         self._caches_lock = threading.Lock()
+        self._verifying_keys: dict[tuple[int, str], tuple[dict[str, Any], jwt.PyJWK]] = {}
+        """`_verifying_key`'s memo: (id of the JWK, alg) -> (that JWK, its key object)."""
         if not settings.auth_disabled:
             if not self.issuers:
                 log.warning("no_trusted_issuers", extra={
@@ -442,7 +446,7 @@ class RequestVerifier:
         if jwk.get("alg") not in (None, alg):
             raise AuthFailure("key_alg_mismatch")
         try:
-            key = jwt.PyJWK(jwk, algorithm=alg)  # fails when the key type/curve does not fit `alg`
+            key = self._verifying_key(jwk, alg)  # fails when the key type/curve does not fit `alg`
         except jwt.PyJWTError:
             raise AuthFailure("key_alg_mismatch") from None
         try:
@@ -478,6 +482,24 @@ class RequestVerifier:
         if exp - iat > MAX_TOKEN_LIFETIME_SECONDS:
             raise AuthFailure("lifetime_too_long")
         return claims
+
+    def _verifying_key(self, jwk: dict[str, Any], alg: str) -> jwt.PyJWK:
+        """`jwt.PyJWK(jwk, algorithm=alg)`, built once per key and algorithm: building it parses
+        the key's numbers into a public-key object, about as long as decoding the token's header.
+
+        Keyed by the JWK object itself (the key-set caches and the demo issuer hand out the same
+        dict for as long as they keep a key, and never change it); the entry holds that dict, so
+        its id cannot be reused by another while the entry lives.  A refreshed key set brings new
+        dicts, hence new entries; the memo is emptied when it reaches `MAX_VERIFYING_KEYS`.
+        Failures are not remembered (they raise every time)."""
+        entry = self._verifying_keys.get((id(jwk), alg))
+        if entry is not None and entry[0] is jwk:
+            return entry[1]
+        key = jwt.PyJWK(jwk, algorithm=alg)
+        if len(self._verifying_keys) >= MAX_VERIFYING_KEYS:
+            self._verifying_keys.clear()
+        self._verifying_keys[(id(jwk), alg)] = (jwk, key)
+        return key
 
     @staticmethod
     def _check_tenant(issuer: TrustedIssuer, claims: dict[str, Any]) -> None:

@@ -564,6 +564,35 @@ def test_rotated_key_is_picked_up_by_refetch(tmp_path: Path, server: HTTPServer,
     assert len(server.log) == 1
 
 
+def test_a_key_replaced_under_the_same_kid_is_the_one_used(tmp_path: Path, server: HTTPServer,
+                                                           ehr: SigningIssuer, auth_log: LogCapture,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key objects are built once per published key (not per call), and a refreshed key set
+    that publishes another key under the same kid is verified with the new key only."""
+    import jwt
+
+    built: list[str] = []
+    real = jwt.PyJWK
+
+    def counting(data: dict[str, Any], algorithm: str | None = None) -> Any:
+        built.append(data["kid"])
+        return real(data, algorithm=algorithm)
+
+    monkeypatch.setattr(jwt, "PyJWK", counting)
+    clock = FakeClock()
+    verifier = url_verifier(tmp_path, server, ehr, clock=clock, ttl=120)
+    for _ in range(3):
+        assert call(verifier, ehr.token(AUD)) is not None
+    assert built == [ehr.kid]
+    replaced = make_issuer("ES384", iss=ehr.iss, kid=ehr.kid)  # same kid, another key
+    server.clear()
+    server.expect_request("/jwks").respond_with_json(jwks_of(replaced))
+    clock.advance(200)  # past the TTL: the next call refetches
+    assert call(verifier, replaced.token(AUD)) is not None
+    assert_rejected(verifier, ehr.token(AUD), "bad_signature", auth_log)
+    assert built == [ehr.kid, ehr.kid]
+
+
 def test_cached_keys_survive_a_failed_refresh(tmp_path: Path, server: HTTPServer, ehr: SigningIssuer) -> None:
     clock = FakeClock()
     verifier = url_verifier(tmp_path, server, ehr, clock=clock, ttl=120)
