@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from collections.abc import Sequence
 from typing import Any, Literal, Protocol
 
+import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from cds_service.wire import is_raw
@@ -146,6 +147,9 @@ string the published schema calls valid would have been refused."""
 
 def is_blank(value: str) -> bool:
     """True when `value` has nothing but whitespace (as the OpenAPI document defines it)."""
+    # A visible ASCII first character settles it without the regex: ids, URLs and hook names.
+    if "!" <= value[:1] <= "~":
+        return False
     return _JSON_SCHEMA_BLANK.fullmatch(value) is not None
 
 
@@ -223,13 +227,19 @@ def parse_hook_request(body: Any, expected_hook: str, *, max_string_length: int 
         raise bad_request("prefetch must be an object", "prefetch")
     for key, value in prefetch.items():
         # Spec: each prefetch value is a FHIR resource (or Bundle), or null for "no data".
-        if value is not None and not isinstance(value, dict) and not is_raw(value):
+        # (The class test first: raw JSON and parsed objects are exactly these classes.)
+        if (value.__class__ not in _PREFETCH_VALUE_CLASSES and value is not None
+                and not isinstance(value, dict) and not is_raw(value)):
             raise bad_request(f"prefetch.{key[:64]} must be a FHIR resource or null", f"prefetch.{key[:64]}")
     _check_extension(body, "")
 
     return HookRequest(hook=hook, hook_instance=hook_instance or "", context=context,
                        fhir_server=fhir_server.rstrip("/") if fhir_server else None,
                        fhir_authorization=auth, prefetch=prefetch)
+
+
+_PREFETCH_VALUE_CLASSES = frozenset({dict, msgspec.Raw})
+"""Classes of a prefetch value that need no further test: a parsed JSON object, raw JSON."""
 
 
 def _check_extension(obj: dict[str, Any], where: str) -> None:

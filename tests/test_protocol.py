@@ -150,6 +150,23 @@ def test_invalid_requests_name_the_field(mutate, field):
     assert err.value.outcome()["issue"][0]["expression"] == [field]
 
 
+@pytest.mark.parametrize("value, blank", [
+    ("", True), (" ", True), ("\t\n", True), ("\u00a0", True), ("\u3000\ufeff", True), ("\u2028", True),
+    (" h-1", False), ("\u00a0h", False), ("h", False), ("!", False), ("~", False), ("\u00e9", False),
+    ("\x1c", False),  # not ECMAScript whitespace (Python's str.strip() would remove it)
+])
+def test_blank_strings_are_refused_as_the_openapi_pattern_says(value, blank):
+    """`"pattern": "\\S"`: a string of ECMAScript whitespace only is refused, anything else kept."""
+    body = _req()
+    body["hookInstance"] = value
+    if blank:
+        with pytest.raises(CdsError) as err:
+            parse_hook_request(body, "patient-view")
+        assert err.value.outcome()["issue"][0]["expression"] == ["hookInstance"]
+    else:
+        assert parse_hook_request(body, "patient-view").hook_instance == value
+
+
 def test_order_hooks_require_a_draft_orders_bundle():
     body = {"hook": "order-sign", "hookInstance": "h", "context": {
         "userId": "Practitioner/1", "patientId": "p1", "draftOrders": {"resourceType": "Patient"}}}
