@@ -62,7 +62,6 @@ Needed = Callable[[Mapping[str, Any]], bool]
 """Whether the rules can use a resource, judged from its head (`facts.resource_needed`, bound to
 the engine's knowledge): a resource for which it is False is dropped (a raw one is never
 decoded)."""
-_HEADS = wire.HeadDecoder(facts.HEAD_FIELDS)
 
 SEARCH_COUNT = 100
 """`_count` of the unfiltered searches (page size; pages are followed up to fhir_max_pages)."""
@@ -246,11 +245,11 @@ class _FetchFailed(Exception):
 
 def _open_prefetch(value: Any) -> Any:
     """A prefetch value as `gather` reads it: a raw one opened (`wire.open_prefetch_value`:
-    a `LazyBundle`, or the decoded value), anything else as it is."""
-    if not wire.is_raw(value):
+    a `LazyBundle`, or the decoded value), anything else (a `LazyBundle` already) as it is."""
+    if type(value) is not wire.RawJson:
         return value
     try:
-        return wire.open_prefetch_value(value, _HEADS)
+        return wire.open_prefetch_value(value)
     except orjson.JSONDecodeError as err:
         raise invalid_json(err) from None
 
@@ -300,10 +299,9 @@ def _needs_fetch(value: Any) -> bool:
     """An OperationOutcome, or a Bundle whose entries are all OperationOutcomes: not data."""
     if value is None:
         return False  # "no data"
-    if isinstance(value, wire.LazyBundle):
-        return bool(value.heads) and all(
-            head is not None and (head.resourceType if value.typed else head.get("resourceType"))
-            == "OperationOutcome" for head in value.heads)
+    if isinstance(value, wire.LazyBundle):  # lazily too: one head read for a data Bundle
+        return bool(value.raws) and all(
+            value.resource_type(i) == "OperationOutcome" for i in range(len(value.raws)))
     if _is_outcome(value):
         return True
     if isinstance(value, dict) and value.get("resourceType") == "Bundle":
@@ -387,52 +385,61 @@ def _unshadowed(resources: list[Resource], dropped: set[tuple[str, str]]) -> lis
 
 def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed: Needed | None,
                 needed_head: Callable[[wire.Head], bool] | None = None) -> None:
-    """`_accept` for a Bundle still in raw form: the checks run on each resource's head and
-    only the resources kept are decoded (`CdsError(400)` if one is not valid JSON after all)."""
+    """`_accept` for a Bundle still in raw form: the checks run on each resource's head
+    (`wire.LazyBundle.head`) and only the resources kept are decoded (`CdsError(400)` if one is
+    not valid JSON after all)."""
     keep = into.resources.append
     dropped = into.dropped
     own_reference = f"Patient/{patient_id}"
+    gate = needed_head or needed
+    decode_head = wire.HEAD_DECODER.decode  # inlined `wire.typed_head`: this runs per resource
+    head_errors = wire.HEAD_DECODE_ERRORS
+    decode = wire.decode_resource
     try:
-        if bundle.typed:  # the common case: typed heads (wire.Head)
-            gate = needed_head or needed
-            for index, head in enumerate(bundle.heads):
-                if head is None:  # an entry without a resource
-                    into.skipped += 1
-                    continue
-                rtype = head.resourceType
-                if rtype == "OperationOutcome":
-                    continue
-                if rtype in KNOWN_RESOURCE_TYPES:
-                    subject = head.subject
-                    if (subject is not None and subject.reference == own_reference) \
-                            or _about_patient(wire.head_as_dict(head), patient_id):
-                        if gate is None:
-                            keep(bundle.resource(index))
-                        elif gate(head):
-                            if not dropped or head.id is None or (rtype, head.id) not in dropped:
-                                keep(bundle.resource(index))
-                        elif (rid := head.id) is not None:
-                            dropped.add((rtype, rid))  # see _KeyData.dropped
-                        continue
-                into.skipped += 1
-            return
-        for index, head in enumerate(bundle.heads):
-            if head is None:  # no resource, not an object, or a head msgspec would read otherwise
-                _accept([bundle.resource(index)], patient_id, into, needed)
+        for raw in bundle.raws:
+            try:
+                head = decode_head(raw)
+            except head_errors:  # no resource, not an object, or an unusual head: as a dict
+                _accept_dict_head(raw, patient_id, into, needed)
                 continue
-            rtype = head.get("resourceType")
+            rtype = head.resourceType
             if rtype == "OperationOutcome":
                 continue
-            if type(rtype) is str and rtype in KNOWN_RESOURCE_TYPES:
-                subject = head.get("subject")
-                if (type(subject) is dict and subject.get("reference") == own_reference) \
-                        or _about_patient(head, patient_id):
-                    if needed is None or _gate(needed(head), rtype, head.get("id"), dropped):
-                        keep(bundle.resource(index))
+            if rtype in KNOWN_RESOURCE_TYPES:
+                subject = head.subject
+                if (subject is not None and subject.reference == own_reference) \
+                        or _about_patient(wire.head_as_dict(head), patient_id):
+                    if gate is None:
+                        keep(decode(raw))
+                    elif gate(head):
+                        if not dropped or head.id is None or (rtype, head.id) not in dropped:
+                            keep(decode(raw))
+                    elif (rid := head.id) is not None:
+                        dropped.add((rtype, rid))  # see _KeyData.dropped
                     continue
             into.skipped += 1
     except orjson.JSONDecodeError as err:
         raise invalid_json(err) from None
+
+
+def _accept_dict_head(raw: wire.RawJson, patient_id: str, into: _KeyData, needed: Needed | None) -> None:
+    """`_accept_raw` for one resource without a typed head: judged on its dict head
+    (`wire.dict_head`), or decoded in full when it has none (not an object...)."""
+    head = wire.dict_head(raw)
+    if head is None:
+        _accept([wire.decode_resource(raw)], patient_id, into, needed)
+        return
+    rtype = head.get("resourceType")
+    if rtype == "OperationOutcome":
+        return
+    if type(rtype) is str and rtype in KNOWN_RESOURCE_TYPES:
+        subject = head.get("subject")
+        if (type(subject) is dict and subject.get("reference") == f"Patient/{patient_id}") \
+                or _about_patient(head, patient_id):
+            if needed is None or _gate(needed(head), rtype, head.get("id"), into.dropped):
+                into.resources.append(wire.decode_resource(raw))
+            return
+    into.skipped += 1
 
 
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")

@@ -5,14 +5,19 @@ read a handful.  Parsing all of it into Python dicts (and freeing them again) us
 the cost of a call.  This module decodes with msgspec instead (https://jcristharif.com/msgspec/):
 
 1. `decode_hook_body` decodes the top-level members of the body exactly as before (they are
-   small), but every `prefetch` value that is a JSON object stays a `msgspec.Raw`: a zero-copy
-   slice of the request bytes, validated as JSON but not turned into objects.
-2. `open_prefetch_value` turns one such value into a `LazyBundle` (its entries' resources still
-   raw, each with a *head*: the few top-level fields that decide whether the rules can use the
-   resource, see `facts.HEAD_FIELDS`) or, for anything that is not a well-formed Bundle, into the
-   fully decoded value (a single resource, an OperationOutcome, something malformed).
-3. `decode_resource` decodes one raw resource fully, with orjson as before, once the gatherer
-   has decided (from its head) that the rules need it.
+   small), and the `prefetch` values without turning their resources into objects.  In the
+   common case (only the keys of `record.PREFETCH_KEYS`, each search key a Bundle or null) this
+   takes one pass over the body: every search key's Bundle becomes a `LazyBundle` (its entries'
+   resources kept as `msgspec.Raw`, zero-copy slices of the request bytes, validated as JSON but
+   not turned into objects), any other value stays raw.  Any other body is decoded in a second
+   way that keeps every `prefetch` value that is a JSON object as a `msgspec.Raw`;
+   `open_prefetch_value` later turns such a value into a `LazyBundle` (a well-formed Bundle) or
+   into its fully decoded value (a single resource, an OperationOutcome, something malformed).
+2. `LazyBundle.head` decodes one resource's *head*: the few top-level fields that decide whether
+   the rules can use it (`Head`, the same fields as `facts.HEAD_FIELDS`), as a dict of them when
+   a field has an unusual JSON type, None when the resource is not an object.
+3. `LazyBundle.resource` (`decode_resource`) decodes one raw resource fully, with orjson as before,
+   once the gatherer has decided (from its head) that the rules need it.
 
 The guarantees of the full parse are kept: a body the fast path cannot take as it is (not an
 object, nested too deep for msgspec, a number msgspec would read differently...) is declined
@@ -26,12 +31,12 @@ whole call a 400; inside a resource they read it still does.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any, TypedDict
 
 import msgspec
 import orjson
+
+from cds_service.record import PREFETCH_KEYS
 
 RawJson = msgspec.Raw
 """A JSON value kept as its bytes (a zero-copy view of the request body)."""
@@ -72,6 +77,24 @@ _ENVELOPE_FIELDS = _Envelope.__struct_fields__
 _TOP_LEVEL = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _BUNDLE = msgspec.json.Decoder(_BundleShape)
 
+_INSTANCE_KEYS = frozenset({"patient"})
+"""Prefetch keys whose template is an instance read (a single resource): kept raw by the
+one-pass decoder.  Every other key of `PREFETCH_KEYS` is a search, answered with a Bundle."""
+_Prefetch = msgspec.defstruct(
+    "_Prefetch",
+    [(key, msgspec.Raw, _EMPTY_RAW) if key in _INSTANCE_KEYS
+     else (key, _BundleShape | None | msgspec.UnsetType, msgspec.UNSET) for key in PREFETCH_KEYS],
+    forbid_unknown_fields=True)
+_PREFETCH_FIELDS = _Prefetch.__struct_fields__
+_OnePass = msgspec.defstruct(
+    "_OnePass",
+    [(name, msgspec.Raw, _EMPTY_RAW) for name in _ENVELOPE_FIELDS if name != "prefetch"]
+    + [("prefetch", _Prefetch | None | msgspec.UnsetType, msgspec.UNSET)],
+    forbid_unknown_fields=True)
+_ONE_PASS = msgspec.json.Decoder(_OnePass)
+"""The envelope and every search key's Bundle entries in one pass (see module doc): any other
+member, prefetch key, or a search key's value that is not an object or null makes it decline."""
+
 
 def _is_object(raw: msgspec.Raw) -> bool:
     """Whether a raw JSON value is an object (msgspec strips the whitespace around values)."""
@@ -83,8 +106,9 @@ def _loads(raw: msgspec.Raw) -> Any:
 
 
 def is_raw(value: Any) -> bool:
-    """Whether `value` is a prefetch value still held as raw JSON (always a JSON object)."""
-    return type(value) is msgspec.Raw
+    """Whether `value` is a prefetch value still held as raw JSON (always a JSON object): a
+    `msgspec.Raw`, or a `LazyBundle` (a Bundle whose resources are raw)."""
+    return type(value) is msgspec.Raw or type(value) is LazyBundle
 
 
 def _prefetch_values(values: dict[str, msgspec.Raw]) -> dict[str, Any]:
@@ -101,6 +125,13 @@ def decode_hook_body(raw: bytes) -> dict[str, Any] | None:
             return None
     body: dict[str, Any] = {}
     try:
+        try:
+            one_pass = _ONE_PASS.decode(raw)
+        except msgspec.ValidationError:
+            one_pass = None  # another member or key, or a search key's value is not a Bundle
+        if one_pass is not None and _read_one_pass(one_pass, body):
+            return body
+        body = {}
         try:
             envelope = _ENVELOPE.decode(raw)
         except msgspec.ValidationError:
@@ -124,9 +155,38 @@ def decode_hook_body(raw: bytes) -> dict[str, Any] | None:
     return body
 
 
+def _read_one_pass(decoded: Any, body: dict[str, Any]) -> bool:
+    """Fill `body` from the one-pass decoder's result; False when a search key holds an object
+    that is not a Bundle (a single resource, an OperationOutcome...): its bytes are gone, so
+    the body is decoded the other way."""
+    prefetch = decoded.prefetch
+    values: dict[str, Any] = {}
+    if prefetch is not None and prefetch is not msgspec.UNSET:
+        for key in _PREFETCH_FIELDS:
+            value = getattr(prefetch, key)
+            if type(value) is _BundleShape:
+                if value.resourceType != "Bundle":
+                    return False
+                values[key] = LazyBundle([e.resource for e in value.entry or ()], value.link)
+            elif value is None:
+                values[key] = None
+            elif type(value) is msgspec.Raw:
+                if len(value):
+                    values[key] = value if _is_object(value) else _loads(value)
+    for name in _ENVELOPE_FIELDS:
+        if name == "prefetch":
+            if prefetch is not msgspec.UNSET:
+                body[name] = None if prefetch is None else values
+        else:
+            value = getattr(decoded, name)
+            if len(value):
+                body[name] = _loads(value)
+    return True
+
+
 # Typed heads: the same top-level fields as `facts.HEAD_FIELDS`, as msgspec Structs (cheaper to
-# build and free than dicts, and untracked by the garbage collector).  A Bundle in which any head
-# field has another JSON type than these is read with the dict heads instead.
+# build and free than dicts, and untracked by the garbage collector).  A resource in which any
+# head field has another JSON type than these is read with a dict head instead.
 
 class Coding(msgspec.Struct, gc=False):
     system: str | None = None
@@ -164,17 +224,17 @@ class Head(msgspec.Struct, gc=False):
     medicationReference: Reference | None = None
 
 
-class _TypedEntry(msgspec.Struct, gc=False):
-    resource: Head | None = None
+HEAD_DECODER = msgspec.json.Decoder(Head)
+"""`typed_head`'s decoder; loops that run per resource call its `decode` themselves."""
+_DictHead = TypedDict("_DictHead", {name: Any for name in Head.__struct_fields__}, total=False)  # type: ignore[misc]
+_DICT_HEAD = msgspec.json.Decoder(_DictHead)
 
 
-class _TypedBundle(msgspec.Struct):
+class _TypeOnly(msgspec.Struct, gc=False):
     resourceType: Any = None
-    entry: list[_TypedEntry] | None = None
-    link: Any = None
 
 
-_TYPED_BUNDLE = msgspec.json.Decoder(_TypedBundle)
+_TYPE_ONLY = msgspec.json.Decoder(_TypeOnly)
 
 
 def head_as_dict(head: Head) -> dict[str, Any]:
@@ -190,98 +250,81 @@ def _drop_nulls(value: Any) -> Any:
     return value
 
 
+def typed_head(raw: msgspec.Raw) -> Head | None:
+    """The typed head of a raw resource; None when it is not an object or a head field has
+    another JSON type than `Head` says (`dict_head` then)."""
+    try:
+        return HEAD_DECODER.decode(raw)
+    except _DECODE_ERRORS:
+        return None
+
+
+def dict_head(raw: msgspec.Raw) -> dict[str, Any] | None:
+    """The head fields of a raw resource as a dict; None when it is not a JSON object or its head
+    fields cannot be decoded the way the full parse would (the caller then decodes it fully)."""
+    if not _is_object(raw):
+        return None
+    try:
+        return _DICT_HEAD.decode(raw)
+    except _DECODE_ERRORS:
+        return None
+
+
+HEAD_DECODE_ERRORS = _DECODE_ERRORS
+"""What `HEAD_DECODER.decode` can raise on a raw resource."""
+
+
 class LazyBundle:
-    """A prefetched Bundle whose resources are still raw.
+    """A prefetched Bundle whose resources are still raw: `raws[i]` is entry i's resource (empty
+    for an entry without one), `link` the Bundle's `link` member as msgspec read it.
 
-    `heads[i]` is the head of entry i's resource (None when the entry has no resource), and
-    `resource(i)` its full value, decoded on demand.  The heads are typed (`Head`) when `typed`,
-    else dicts of the decoder's fields.  A well-formed Bundle is read in two passes over its
-    bytes: every head at once, then (only when a resource is asked for) the entries' raw slices."""
+    The Bundle's other members (`type`, `total`...) are not kept: the gatherer reads none."""
 
-    __slots__ = ("heads", "link", "typed", "_raw", "_raws")
+    __slots__ = ("raws", "link")
 
-    def __init__(self, heads: list[Any], link: Any, raw: msgspec.Raw | None,
-                 raws: list[msgspec.Raw] | None = None, *, typed: bool = False) -> None:
-        self.heads = heads
+    def __init__(self, raws: list[msgspec.Raw], link: Any) -> None:
+        self.raws = raws
         self.link = link
-        self.typed = typed
-        self._raw = raw
-        self._raws = raws
+
+    def head(self, index: int) -> Head | dict[str, Any] | None:
+        """Entry `index`'s head: typed, else a dict (`dict_head`), else None (no resource, or not
+        an object: decode it fully to judge it)."""
+        raw = self.raws[index]
+        return typed_head(raw) or dict_head(raw)
+
+    @property
+    def heads(self) -> list[Head | dict[str, Any] | None]:
+        """Every entry's head (`head`)."""
+        return [self.head(i) for i in range(len(self.raws))]
+
+    def resource_type(self, index: int) -> Any:
+        """Entry `index`'s `resourceType` (as its dict head reads it; None without one)."""
+        raw = self.raws[index]
+        if not _is_object(raw):
+            return None
+        try:
+            return _TYPE_ONLY.decode(raw).resourceType
+        except _DECODE_ERRORS:
+            return None
 
     def resource(self, index: int) -> Any:
         """Entry `index`'s resource, fully decoded (None for an entry without one).  Raises
         `orjson.JSONDecodeError` as the full parse of the body would have."""
-        if self._raws is None:
-            shape = _BUNDLE.decode(memoryview(self._raw))  # the same bytes decoded before: cannot fail
-            self._raws = [e.resource for e in shape.entry or ()]
-        raw = self._raws[index]
-        return _loads(raw) if len(raw) else None
+        return decode_resource(self.raws[index])
 
 
-class HeadDecoder:
-    """Decodes resource heads: dicts of only the given top-level fields."""
-
-    def __init__(self, fields: Iterable[str]) -> None:
-        self.fields = tuple(fields)
-        head_type = TypedDict("ResourceHead", {name: Any for name in self.fields}, total=False)  # type: ignore[misc]
-
-        entry_head = msgspec.defstruct("EntryHead", [("resource", head_type | None, None)])
-        bundle_heads = msgspec.defstruct("BundleHeads", [
-            ("resourceType", Any, None), ("entry", list[entry_head] | None, None), ("link", Any, None)])
-
-        self._decoder = msgspec.json.Decoder(head_type)
-        self._bundle = msgspec.json.Decoder(bundle_heads)
-
-    def head(self, raw: msgspec.Raw) -> dict[str, Any] | None:
-        """The head of `raw`; None when `raw` is not a JSON object or its head fields cannot be
-        decoded the way the full parse would (the caller then decodes it fully)."""
-        if not _is_object(raw):
-            return None
-        try:
-            return self._decoder.decode(memoryview(raw))
-        except _DECODE_ERRORS:
-            return None
-
-    def bundle(self, raw: msgspec.Raw) -> LazyBundle | None:
-        """A Bundle's heads in one pass, typed when every head field has its usual JSON type;
-        None when `raw` is not a Bundle whose entries all have an object (or no) resource with
-        decodable head fields."""
-        view = memoryview(raw)
-        try:
-            typed = _TYPED_BUNDLE.decode(view)
-        except _DECODE_ERRORS:
-            typed = None
-        if typed is not None:
-            if typed.resourceType != "Bundle" or typed.entry is None:
-                return None
-            return LazyBundle([e.resource for e in typed.entry], typed.link, raw, typed=True)
-        try:
-            shape = self._bundle.decode(view)
-        except _DECODE_ERRORS:
-            return None
-        if shape.resourceType != "Bundle" or shape.entry is None:
-            return None
-        return LazyBundle([e.resource for e in shape.entry], shape.link, raw)
-
-
-def open_prefetch_value(raw: msgspec.Raw, heads: HeadDecoder) -> LazyBundle | Any:
-    """A `LazyBundle` for a well-formed Bundle, else the fully decoded value.
+def open_prefetch_value(raw: msgspec.Raw) -> LazyBundle | Any:
+    """A `LazyBundle` for a Bundle with a list of entries, else the fully decoded value.
 
     Raises `orjson.JSONDecodeError` when the value is not valid JSON for orjson (the caller
     answers 400, as the full parse did)."""
-    bundle = heads.bundle(raw)
-    if bundle is not None:
-        return bundle
     try:
         shape = _BUNDLE.decode(memoryview(raw))
     except _DECODE_ERRORS:
-        shape = None
+        shape = None  # e.g. an entry that is not an object: the full decode reads it
     if shape is None or shape.resourceType != "Bundle" or shape.entry is None:
         return _loads(raw)
-    # Some entry's resource is not an object, or has a head msgspec reads otherwise: heads one
-    # by one (None for those; the gatherer decodes them fully and judges them as before).
-    raws = [e.resource for e in shape.entry]
-    return LazyBundle([heads.head(r) if len(r) else None for r in raws], shape.link, None, raws)
+    return LazyBundle([e.resource for e in shape.entry], shape.link)
 
 
 def decode_resource(raw: msgspec.Raw) -> Any:

@@ -30,19 +30,37 @@ from tests import ehr_shapes
 from tests.test_hook_fuzz import json_values, resources as junk_resources
 
 ENGINE = ClinicalEngine.load(Settings())
-HEADS = wire.HeadDecoder(facts.HEAD_FIELDS)
 NOW = datetime(2025, 6, 15, 12, tzinfo=timezone.utc)
 RUN = settings(max_examples=120, deadline=None, derandomize=True, suppress_health_check=list(HealthCheck))
 _UUID = re.compile(rb"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def materialise(value: Any) -> Any:
-    """A decoded body with every raw value decoded in full (what the full parse gives)."""
+    """A decoded body with every raw value decoded in full (what the full parse gives; of a
+    `LazyBundle`, the members it keeps: see `bundle_members`)."""
+    if isinstance(value, wire.LazyBundle):
+        return {"resourceType": "Bundle", "entry": [value.resource(i) for i in range(len(value.raws))],
+                "link": value.link}
     if wire.is_raw(value):
         return orjson.loads(memoryview(value))
     if isinstance(value, dict):
         return {k: materialise(v) for k, v in value.items()}
     return value
+
+
+def bundle_members(full: Any, decoded: Any) -> Any:
+    """`full` (a fully parsed body) with each prefetch Bundle that `decoded` holds as a
+    `LazyBundle` cut down to what one keeps: its entries' resources and its link."""
+    prefetch = decoded.get("prefetch") if isinstance(decoded, dict) else None
+    if not isinstance(prefetch, dict):
+        return full
+    cut = dict(full["prefetch"])
+    for key, value in prefetch.items():
+        if isinstance(value, wire.LazyBundle):
+            entries = cut[key].get("entry") or []
+            cut[key] = {"resourceType": "Bundle", "entry": [e.get("resource") for e in entries],
+                        "link": cut[key].get("link")}
+    return {**full, "prefetch": cut}
 
 
 def _without_nulls(value: Any) -> Any:
@@ -82,9 +100,67 @@ def test_decoded_body_is_the_full_parse_with_raw_values(body: dict, prefetch: An
         assert decoded is None  # declined: the full parse answers its 400
         return
     assert decoded is not None
-    assert materialise(decoded) == full
+    assert materialise(decoded) == bundle_members(full, decoded)
     for value in (decoded.get("prefetch") or {}).values() if isinstance(decoded.get("prefetch"), dict) else ():
-        assert not wire.is_raw(value) or bytes(value).startswith(b"{")  # raw only for objects
+        assert not wire.is_raw(value) or isinstance(value, wire.LazyBundle) \
+            or bytes(value).startswith(b"{")  # raw only for objects
+
+
+search_keys = [k for k in PREFETCH_KEYS if k != "patient"]
+
+
+@RUN
+@given(values=st.dictionaries(st.sampled_from(search_keys), st.one_of(
+           st.none(), st.lists(junk_resources, max_size=4).map(bundle))),
+       patient=st.one_of(st.none(), json_values, junk_resources), indent=st.booleans())
+def test_search_keys_holding_bundles_are_read_in_one_pass(values: dict, patient: Any, indent: bool) -> None:
+    """The common body (search keys holding Bundles or null) is read in one pass: each Bundle
+    arrives as a `LazyBundle`, the patient's value as it would on the other path."""
+    prefetch = values if patient is None else {"patient": patient, **values}
+    raw = json.dumps({"hook": "patient-view", "prefetch": prefetch}, indent=2 if indent else None).encode()
+    decoded = wire.decode_hook_body(raw)
+    try:
+        full = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        assert decoded is None
+        return
+    assert materialise(decoded) == bundle_members(full, decoded)
+    assert all(isinstance(decoded["prefetch"][k], wire.LazyBundle) for k, v in values.items() if v is not None)
+    assert ("patient" in decoded["prefetch"]) is ("patient" in prefetch)
+
+
+@pytest.mark.parametrize("value", [
+    {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]},
+    {"resourceType": "Condition", "id": "c1", "subject": {"reference": "Patient/p1"}},
+    {"resourceType": "Bundle", "entry": [{"resource": {}}, 7]},
+    {"resourceType": "Bundle", "entry": {"resource": {}}},
+    "text", 7, [],
+])
+def test_a_search_key_without_a_bundle_is_read_the_other_way(value: Any) -> None:
+    """A search key's value that the one-pass decoder cannot keep (not a Bundle, or a Bundle it
+    cannot cut into entries) sends the body to the other decoder: the value arrives raw (or
+    decoded, when it is not an object), as the full parse reads it."""
+    body = {"hook": "patient-view", "prefetch": {"patient": {"resourceType": "Patient", "id": "p1"},
+                                                 "conditions": {"resourceType": "Bundle", "entry": []},
+                                                 "labResults": value}}
+    decoded = wire.decode_hook_body(json.dumps(body).encode())
+    assert decoded is not None and materialise(decoded) == body
+    assert not isinstance(decoded["prefetch"]["labResults"], wire.LazyBundle)
+    opened = {"prefetch": {k: wire.open_prefetch_value(v) if type(v) is wire.RawJson else v
+                           for k, v in decoded["prefetch"].items()}}
+    assert materialise(opened) == bundle_members({"prefetch": body["prefetch"]}, opened)
+
+
+def test_repeated_members_read_as_the_full_parse_reads_them() -> None:
+    """The last copy of a repeated member wins in both decoders, as in orjson."""
+    raw = (b'{"hook": "a", "hook": "patient-view", "prefetch": {"conditions": {"resourceType": "Bundle",'
+           b' "entry": [{"resource": {"id": "1"}}]}, "conditions": {"resourceType": "Bundle", "entry":'
+           b' [{"resource": {"id": "2"}, "resource": {"id": "3"}}], "entry": [{"resource": {"id": "4"}}]},'
+           b' "patient": {"id": "x"}, "patient": null}}')
+    decoded = wire.decode_hook_body(raw)
+    assert materialise(decoded) == bundle_members(orjson.loads(raw), decoded)
+    assert decoded["hook"] == "patient-view" and decoded["prefetch"]["patient"] is None
+    assert decoded["prefetch"]["conditions"].resource(0) == {"id": "4"}
 
 
 @pytest.mark.parametrize("raw", [
@@ -128,19 +204,23 @@ def test_lazy_bundle_gives_every_resource_and_its_head(items: list[dict], link: 
         value = orjson.loads(body)["prefetch"]["k"]  # what the full parse reads (2**64 as a float...)
     except orjson.JSONDecodeError:
         return  # Infinity: the whole body is declined (test above)
-    raw = wire.decode_hook_body(body)["prefetch"]["k"]
-    opened = wire.open_prefetch_value(raw, HEADS)
-    assert isinstance(opened, wire.LazyBundle)
-    assert opened.link == value.get("link")
-    assert len(opened.heads) == len(items)
-    for i, item in enumerate(value["entry"]):
-        full = item.get("resource")
-        assert opened.resource(i) == full
-        head = opened.heads[i]
-        if head is not None and not opened.typed:
-            assert head == {k: full[k] for k in facts.HEAD_FIELDS if k in full}
-        elif head is not None:
-            assert_typed_head_matches(head, full)
+    raw = wire.decode_hook_body(body)["prefetch"]["k"]  # an unknown key: kept raw, opened by the gatherer
+    one_pass = wire.decode_hook_body(body.replace(b'"k"', b'"conditions"'))["prefetch"]["conditions"]
+    for opened in (wire.open_prefetch_value(raw), one_pass):
+        assert isinstance(opened, wire.LazyBundle)
+        assert opened.link == value.get("link")
+        assert len(opened.heads) == len(items)
+        for i, item in enumerate(value["entry"]):
+            full = item.get("resource")
+            assert opened.resource(i) == full
+            assert opened.resource_type(i) == (full.get("resourceType") if isinstance(full, dict) else None)
+            head = opened.heads[i]
+            if isinstance(head, dict):
+                assert head == {k: full[k] for k in facts.HEAD_FIELDS if k in full}
+            elif head is not None:
+                assert_typed_head_matches(head, full)
+            else:
+                assert not isinstance(full, dict)  # only a resource that is not an object has none
 
 
 def assert_typed_head_matches(head: wire.Head, full: dict) -> None:
@@ -155,9 +235,9 @@ def assert_typed_head_matches(head: wire.Head, full: dict) -> None:
 @RUN
 @given(resources=ehr_shapes.patients("p1"))
 def test_ehr_shaped_bundles_get_typed_heads(resources: list[dict]) -> None:
-    raw = wire.decode_hook_body(json.dumps({"prefetch": {"k": bundle(resources)}}).encode())["prefetch"]["k"]
-    opened = wire.open_prefetch_value(raw, HEADS)
-    assert isinstance(opened, wire.LazyBundle) and opened.typed
+    opened = wire.decode_hook_body(json.dumps({"prefetch": {"labResults": bundle(resources)}}).encode())[
+        "prefetch"]["labResults"]
+    assert isinstance(opened, wire.LazyBundle) and all(isinstance(h, wire.Head) for h in opened.heads)
     for i, full in enumerate(resources):
         assert opened.resource(i) == full
         assert_typed_head_matches(opened.heads[i], full)
@@ -203,7 +283,7 @@ def test_the_gate_keeps_every_resource_the_facts_use(resources: list[dict], nois
             try:
                 typed = msgspec.json.decode(json.dumps(res).encode(), type=wire.Head)
             except (msgspec.ValidationError, msgspec.DecodeError):
-                continue  # another JSON type in a head field: such Bundles use the dict heads
+                continue  # another JSON type in a head field: such a resource gets a dict head
             assert needed(typed) == needed(res), res
             assert ENGINE.head_needed(typed) == needed(res), res
 
