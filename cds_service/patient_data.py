@@ -299,9 +299,8 @@ def _needs_fetch(value: Any) -> bool:
     """An OperationOutcome, or a Bundle whose entries are all OperationOutcomes: not data."""
     if value is None:
         return False  # "no data"
-    if isinstance(value, wire.LazyBundle):  # lazily too: one head read for a data Bundle
-        return bool(value.raws) and all(
-            value.resource_type(i) == "OperationOutcome" for i in range(len(value.raws)))
+    if isinstance(value, wire.LazyBundle):
+        return False  # judged as its entries are read (`_accept_raw` counts the OperationOutcomes)
     if _is_outcome(value):
         return True
     if isinstance(value, dict) and value.get("resourceType") == "Bundle":
@@ -343,15 +342,18 @@ def _about_patient(resource: Resource, patient_id: str) -> bool:
 
 
 def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData,
-            needed: Needed | None = None) -> None:
+            needed: Needed | None = None) -> int:
     """Keep structurally usable resources the rules can use; count the unusable ones
-    (OperationOutcome entries, and resources the rules cannot use, are neither)."""
+    (OperationOutcome entries, and resources the rules cannot use, are neither).  Returns the
+    number of OperationOutcomes passed over."""
     keep = into.resources.append
     dropped = into.dropped
     own_reference = f"Patient/{patient_id}"
+    outcomes = 0
     for res in candidates:  # runs for every resource: the common case is checked inline
         rtype = res.get("resourceType") if type(res) is dict else None
         if rtype == "OperationOutcome":
+            outcomes += 1
             continue
         if type(rtype) is str and rtype in KNOWN_RESOURCE_TYPES:
             subject = res.get("subject")
@@ -363,6 +365,7 @@ def _accept(candidates: Iterable[Any], patient_id: str, into: _KeyData,
                     keep(res)
                 continue
         into.skipped += 1
+    return outcomes
 
 
 def _gate(needed: bool, rtype: str, rid: Any, dropped: set[tuple[str, str]]) -> bool:
@@ -376,18 +379,20 @@ def _gate(needed: bool, rtype: str, rid: Any, dropped: set[tuple[str, str]]) -> 
     return not dropped or (rtype, rid) not in dropped
 
 
-def _unshadowed(resources: list[Resource], dropped: set[tuple[str, str]]) -> list[Resource]:
-    """`resources` without those whose type/id the gate dropped earlier (`_KeyData.dropped`)."""
+def _unshadowed(resources: list[Resource], dropped: list[set[tuple[str, str]]]) -> list[Resource]:
+    """`resources` without those whose type/id the gate dropped earlier (in any of the
+    `_KeyData.dropped` sets given; empty ones may be left out)."""
     if not dropped:
         return resources
-    return [r for r in resources if type(r.get("id")) is not str or (r.get("resourceType"), r["id"]) not in dropped]
+    return [r for r in resources if type(r.get("id")) is not str
+            or not any((r.get("resourceType"), r["id"]) in d for d in dropped)]
 
 
 def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed: Needed | None,
-                needed_head: Callable[[wire.Head], bool] | None = None) -> None:
+                needed_head: Callable[[wire.Head], bool] | None = None) -> int:
     """`_accept` for a Bundle still in raw form: the checks run on each resource's head
     (`wire.LazyBundle.head`) and only the resources kept are decoded (`CdsError(400)` if one is
-    not valid JSON after all)."""
+    not valid JSON after all).  Returns the number of OperationOutcomes passed over."""
     keep = into.resources.append
     dropped = into.dropped
     own_reference = f"Patient/{patient_id}"
@@ -395,15 +400,17 @@ def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed
     decode_head = wire.HEAD_DECODER.decode  # inlined `wire.typed_head`: this runs per resource
     head_errors = wire.HEAD_DECODE_ERRORS
     decode = wire.decode_resource
+    outcomes = 0
     try:
         for raw in bundle.raws:
             try:
                 head = decode_head(raw)
             except head_errors:  # no resource, not an object, or an unusual head: as a dict
-                _accept_dict_head(raw, patient_id, into, needed)
+                outcomes += _accept_dict_head(raw, patient_id, into, needed)
                 continue
             rtype = head.resourceType
             if rtype == "OperationOutcome":
+                outcomes += 1
                 continue
             if rtype in KNOWN_RESOURCE_TYPES:
                 subject = head.subject
@@ -420,26 +427,28 @@ def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed
             into.skipped += 1
     except orjson.JSONDecodeError as err:
         raise invalid_json(err) from None
+    return outcomes
 
 
-def _accept_dict_head(raw: wire.RawJson, patient_id: str, into: _KeyData, needed: Needed | None) -> None:
+def _accept_dict_head(raw: wire.RawJson, patient_id: str, into: _KeyData, needed: Needed | None) -> int:
     """`_accept_raw` for one resource without a typed head: judged on its dict head
-    (`wire.dict_head`), or decoded in full when it has none (not an object...)."""
+    (`wire.dict_head`), or decoded in full when it has none (not an object...).  Returns 1 for
+    an OperationOutcome, else 0."""
     head = wire.dict_head(raw)
     if head is None:
-        _accept([wire.decode_resource(raw)], patient_id, into, needed)
-        return
+        return _accept([wire.decode_resource(raw)], patient_id, into, needed)
     rtype = head.get("resourceType")
     if rtype == "OperationOutcome":
-        return
+        return 1
     if type(rtype) is str and rtype in KNOWN_RESOURCE_TYPES:
         subject = head.get("subject")
         if (type(subject) is dict and subject.get("reference") == f"Patient/{patient_id}") \
                 or _about_patient(head, patient_id):
             if needed is None or _gate(needed(head), rtype, head.get("id"), into.dropped):
                 into.resources.append(wire.decode_resource(raw))
-            return
+            return 0
     into.skipped += 1
+    return 0
 
 
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
@@ -584,7 +593,11 @@ class PatientDataGatherer:
                 continue  # the EHR has no data for this key
             if isinstance(value, wire.LazyBundle) or value.get("resourceType") == "Bundle":
                 if isinstance(value, wire.LazyBundle):
-                    _accept_raw(value, patient_id, kd, needed, needed_head)
+                    outcomes = _accept_raw(value, patient_id, kd, needed, needed_head)
+                    if outcomes and outcomes == len(value.raws):  # only OperationOutcomes: not data
+                        del data[key]  # (nothing was kept, skipped or dropped)
+                        to_fetch.append(key)
+                        continue
                     nxt = _next_link({"link": value.link})
                 else:
                     _accept(_bundle_resources(value), patient_id, kd, needed)
@@ -643,10 +656,12 @@ class PatientDataGatherer:
                                 + f"): {', '.join(missing_required)}")
 
         resources: list[Resource] = []
-        dropped: set[tuple[str, str]] = set()  # by the gate, in the keys before this one
-        for k in templates:
-            resources += _unshadowed(data[k].resources, dropped)
-            dropped.update(data[k].dropped)
+        dropped: list[set[tuple[str, str]]] = []  # by the gate, in the keys before this one
+        for k in templates:  # (not merged into one set: the kept resources are few, the dropped many)
+            kd = data[k]
+            resources += _unshadowed(kd.resources, dropped)
+            if kd.dropped:
+                dropped.append(kd.dropped)
         resources += medications
         drafts = []
         if request.context.draft_orders:
@@ -767,7 +782,7 @@ class PatientDataGatherer:
                 kd = _KeyData(fetched=kd.fetched, calls=kd.calls, ok=False, reason="deadline")
             if key in to_continue:  # further pages of a prefetched Bundle: add to its first page
                 first = data[key]
-                first.resources.extend(_unshadowed(kd.resources, first.dropped))
+                first.resources.extend(_unshadowed(kd.resources, [first.dropped]))
                 first.skipped += kd.skipped
                 first.calls += kd.calls
                 if not kd.ok:

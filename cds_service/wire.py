@@ -230,13 +230,6 @@ _DictHead = TypedDict("_DictHead", {name: Any for name in Head.__struct_fields__
 _DICT_HEAD = msgspec.json.Decoder(_DictHead)
 
 
-class _TypeOnly(msgspec.Struct, gc=False):
-    resourceType: Any = None
-
-
-_TYPE_ONLY = msgspec.json.Decoder(_TypeOnly)
-
-
 def head_as_dict(head: Head) -> dict[str, Any]:
     """A typed head as a dict head (members that were absent or null left out, at every level)."""
     return _drop_nulls(msgspec.to_builtins(head))
@@ -296,16 +289,6 @@ class LazyBundle:
     def heads(self) -> list[Head | dict[str, Any] | None]:
         """Every entry's head (`head`)."""
         return [self.head(i) for i in range(len(self.raws))]
-
-    def resource_type(self, index: int) -> Any:
-        """Entry `index`'s `resourceType` (as its dict head reads it; None without one)."""
-        raw = self.raws[index]
-        if not _is_object(raw):
-            return None
-        try:
-            return _TYPE_ONLY.decode(raw).resourceType
-        except _DECODE_ERRORS:
-            return None
 
     def resource(self, index: int) -> Any:
         """Entry `index`'s resource, fully decoded (None for an entry without one).  Raises

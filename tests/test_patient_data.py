@@ -6,8 +6,10 @@ import logging
 from typing import Any
 from urllib.parse import parse_qsl
 
+import orjson
 import pytest
 
+from cds_service import wire
 from cds_service.config import Settings
 from cds_service.patient_data import (
     KNOWN_RESOURCE_TYPES,
@@ -54,8 +56,12 @@ def settings(**overrides: Any) -> Settings:
     return Settings.from_env(overrides, environ={})
 
 
-def request(**kwargs: Any):
+def request(*, raw: bool = False, **kwargs: Any):
+    """The parsed hook request; with `raw`, its body read as the hook path reads it (prefetch
+    values raw, `cds_service.wire`)."""
     body = hook_body(**kwargs)
+    if raw:
+        body = wire.decode_hook_body(orjson.dumps(body))
     return parse_hook_request(body, body["hook"])
 
 
@@ -221,12 +227,16 @@ def test_empty_searchset_means_no_data() -> None:
     assert result.record.conditions == () and result.failed_keys == ()
 
 
+@pytest.mark.parametrize("raw", [False, True], ids=["decoded", "raw"])
 @pytest.mark.parametrize("bad_value", [
     {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "timeout"}]},
     {"resourceType": "Bundle", "type": "searchset",
      "entry": [{"resource": {"resourceType": "OperationOutcome", "issue": []}}]},
-], ids=["outcome", "bundle-of-outcomes"])
-def test_absent_or_error_values_are_fetched_with_the_token(bad_value: Any) -> None:
+    {"resourceType": "Bundle", "type": "searchset",
+     "entry": [{"resource": {"resourceType": "OperationOutcome", "issue": []}},
+               {"resource": {"resourceType": "OperationOutcome", "issue": [], "id": 7}}]},
+], ids=["outcome", "bundle-of-outcomes", "bundle-of-outcomes-one-with-a-dict-head"])
+def test_absent_or_error_values_are_fetched_with_the_token(bad_value: Any, raw: bool) -> None:
     prefetch = full_prefetch()
     del prefetch["procedures"]
     prefetch["conditions"] = bad_value
@@ -235,7 +245,7 @@ def test_absent_or_error_values_are_fetched_with_the_token(bad_value: Any) -> No
     with StubServer() as stub:
         serve_all(stub, fetched)
         result = PatientDataGatherer(settings(fhir_allowlist=stub.base + "/fhir")).gather(
-            request(prefetch=prefetch, fhir_server=stub.base + "/fhir", token=TOKEN), TEMPLATES)
+            request(prefetch=prefetch, fhir_server=stub.base + "/fhir", token=TOKEN, raw=raw), TEMPLATES)
         assert len(stub.requests) == 2
         assert all(r.headers["Authorization"] == f"Bearer {TOKEN}" for r in stub.requests)
         assert {r.query.split("&")[0] for r in stub.requests} == {"patient=p1"}
@@ -393,7 +403,20 @@ def test_response_size_is_capped(send_length: bool) -> None:
     assert {o["id"] for o in result.record.observations} == {"lab1", "fv1"}
 
 
-def test_structurally_invalid_entries_are_skipped_and_counted() -> None:
+@pytest.mark.parametrize("raw", [False, True], ids=["decoded", "raw"])
+def test_a_bundle_with_data_and_outcomes_is_data(raw: bool) -> None:
+    """A search answer with a warning (an OperationOutcome entry, `search.mode` outcome) beside
+    its matches is used as sent: nothing is fetched."""
+    prefetch = full_prefetch() | {"conditions": {"resourceType": "Bundle", "type": "searchset", "entry": [
+        {"resource": {"resourceType": "OperationOutcome", "issue": []}, "search": {"mode": "outcome"}},
+        {"resource": resource("Condition", "ok")}]}}
+    result = PatientDataGatherer(settings()).gather(request(prefetch=prefetch, raw=raw), TEMPLATES)
+    assert [c["id"] for c in result.record.conditions] == ["ok"]
+    assert result.fhir_calls == 0 and result.failed_keys == () and result.skipped_resources == 0
+
+
+@pytest.mark.parametrize("raw", [False, True], ids=["decoded", "raw"])
+def test_structurally_invalid_entries_are_skipped_and_counted(raw: bool) -> None:
     prefetch = full_prefetch() | {"conditions": {"resourceType": "Bundle", "type": "searchset", "entry": [
         {"resource": resource("Condition", "ok")},
         {"resource": resource("Condition", "other", patient_id="p2")},
@@ -405,7 +428,7 @@ def test_structurally_invalid_entries_are_skipped_and_counted() -> None:
         {"resource": resource("Medication", "med")},
         {"resource": {"resourceType": "OperationOutcome", "issue": []}, "search": {"mode": "outcome"}},
     ]}}
-    result = PatientDataGatherer(settings()).gather(request(prefetch=prefetch), TEMPLATES)
+    result = PatientDataGatherer(settings()).gather(request(prefetch=prefetch, raw=raw), TEMPLATES)
     assert [c["id"] for c in result.record.conditions] == ["ok", "abs"]
     assert result.skipped_resources == 5
 
