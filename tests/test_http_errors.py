@@ -189,6 +189,37 @@ def test_chunked_body_over_the_limit_is_413_not_truncated(make_app):
     assert whole.status_code == client.post(PV, json=HOOK).status_code == 412
 
 
+class _Trickle:
+    """A WSGI input that returns at most a few bytes per read, as a socket may."""
+
+    def __init__(self, payload: bytes) -> None:
+        import io
+
+        self._stream = io.BytesIO(payload)
+
+    def read(self, size: int = -1) -> bytes:
+        return self._stream.read(min(size, 7) if size >= 0 else 7)
+
+
+def test_a_declared_length_is_read_whole_however_the_stream_delivers_it(client):
+    payload = json.dumps(HOOK).encode()
+    trickled = client.post(PV, environ_overrides={
+        "wsgi.input": _Trickle(payload), "CONTENT_LENGTH": str(len(payload)), "CONTENT_TYPE": "application/json"})
+    assert trickled.status_code == client.post(PV, json=HOOK).status_code == 412
+
+
+@pytest.mark.parametrize("stream", ["short", "trickle-short"])
+def test_a_body_shorter_than_its_content_length_is_400(client, stream):
+    """The client went away before sending the length it declared: werkzeug's answer (400)."""
+    import io
+
+    payload = json.dumps(HOOK).encode()
+    body = io.BytesIO(payload) if stream == "short" else _Trickle(payload)
+    resp = client.post(PV, environ_overrides={
+        "wsgi.input": body, "CONTENT_LENGTH": str(len(payload) + 10), "CONTENT_TYPE": "application/json"})
+    assert_outcome(resp, 400)
+
+
 def test_413_is_counted_and_logged_as_413(make_app):
     import logging
     import re

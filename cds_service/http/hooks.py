@@ -19,7 +19,7 @@ from typing import Any
 
 import orjson
 from flask import Blueprint, Request, Response, g, request
-from werkzeug.exceptions import HTTPException
+from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from cds_service import metrics, wire
 from cds_service.services import Services, services
@@ -246,7 +246,14 @@ def read_body(req: Request) -> bytes:
     if refused:
         raise front_error(refused)
     limit = req.max_content_length
-    if req.content_length is not None or limit is None:
+    length = req.content_length
+    if length is not None and "wsgi.input_terminated" not in req.environ:
+        # What `get_data` does here (werkzeug's get_input_stream + LimitedStream), in one read
+        # instead of 64 KiB chunks copied twice: a third of the reading of a 300 KiB body.
+        if limit is not None and length > limit:
+            raise RequestEntityTooLarge()
+        return _read_declared(req.environ["wsgi.input"], length)
+    if length is not None or limit is None:
         return req.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     if not req.environ.get("wsgi.input_terminated"):
         return b""  # no length and a server that does not end the stream: nothing safe to read
@@ -261,6 +268,23 @@ def read_body(req: Request) -> bytes:
     if size > limit:
         raise CdsError(413, "request body too large")
     return b"".join(chunks)
+
+
+def _read_declared(stream: Any, length: int) -> bytes:
+    """`length` bytes of `stream`; `ClientDisconnected` (400) when it ends or fails sooner, as
+    werkzeug's `LimitedStream` for a declared `Content-Length`."""
+    chunks: list[bytes] = []
+    size = 0
+    while size < length:
+        try:
+            chunk = stream.read(length - size)
+        except (OSError, ValueError):
+            raise ClientDisconnected() from None
+        if not chunk:
+            raise ClientDisconnected()
+        chunks.append(chunk)
+        size += len(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def json_depth(value: Any, limit: int) -> int:
