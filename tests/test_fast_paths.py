@@ -173,3 +173,61 @@ def test_card_uuids_are_random_version_4() -> None:
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
         seen.add(text)
     assert len(seen) == 2000
+
+
+# --- the validation verdict key ----------------------------------------------------------------
+
+def test_verdict_key_tells_every_change_of_content_apart() -> None:
+    from cds_service.fhir_validation import ValidationVerdicts
+
+    key = ValidationVerdicts.key
+    resource = {"resourceType": "Condition", "id": "c1", "code": {"coding": [{"system": SNOMED, "code": "81680005"}]}}
+    assert key(resource) == key({**resource}) and len(key(resource)) == 32
+    variants = [{**resource, "id": "c2"}, {**resource, "code": {"coding": [{"system": SNOMED, "code": "81680006"}]}},
+                {**resource, "note": [{"text": "x"}]}, {**resource, "id": 1}, {**resource, "id": True}]
+    keys = {key(v) for v in variants}
+    assert len(keys) == len(variants) and key(resource) not in keys
+    reordered = dict(reversed(list(resource.items())))
+    assert key(reordered) != key(resource)  # validated again, never another's verdict
+    assert key({**resource, "big": 2 ** 70}) is None  # not serialisable: not remembered
+
+
+# --- the gate's memo ---------------------------------------------------------------------------
+
+def _typed_head(resource: dict):
+    import msgspec
+
+    from cds_service import wire
+    return msgspec.json.decode(msgspec.json.encode(resource), type=wire.Head)
+
+
+def test_gate_memo_answers_by_the_words_of_each_head(knowledge: Knowledge) -> None:
+    from cds_service.facts import _head_needed, head_gate
+
+    gate = head_gate(knowledge)
+    heads = [
+        {"resourceType": "MedicationRequest", "medicationCodeableConcept": {"text": "Metformin 500 mg"}},
+        {"resourceType": "MedicationRequest", "medicationCodeableConcept": {"text": "Amoxicillin 500 mg"}},
+        {"resourceType": "MedicationStatement", "medicationCodeableConcept": {"coding": [{"display": "omeprazole"}]}},
+        {"resourceType": "MedicationStatement", "medicationCodeableConcept": {"coding": [{"display": "paracetamol"}]}},
+        {"resourceType": "MedicationRequest", "medicationReference": {"reference": "Medication/m1"}},
+        {"resourceType": "MedicationRequest"},
+        {"resourceType": "ServiceRequest", "code": {"text": "Vitamin B12 level"}},
+        {"resourceType": "ServiceRequest", "code": {"text": "Full blood count"}},
+        {"resourceType": "ServiceRequest", "code": {"coding": [{"system": "http://loinc.org", "code": "2132-9"}]}},
+        {"resourceType": "ServiceRequest", "code": {"coding": []}},
+        {"resourceType": "Condition", "code": {"text": "neck pain"}},
+    ]
+    expected = [_head_needed(knowledge, _typed_head(h)) for h in heads]
+    assert expected[:2] == [True, False] and expected[6:8] == [True, False]
+    for _ in range(3):  # computed, then remembered: the same answers, each for its own words
+        assert [gate(_typed_head(h)) for h in heads] == expected
+
+
+def test_gate_memo_is_bounded(knowledge: Knowledge, monkeypatch) -> None:
+    from cds_service import facts
+    monkeypatch.setattr(facts, "_GATE_MEMO_LIMIT", 2)
+    gate = facts.head_gate(knowledge)
+    for i in range(6):
+        assert gate(_typed_head({"resourceType": "ServiceRequest", "code": {"text": f"test {i}"}})) is False
+    assert gate(_typed_head({"resourceType": "ServiceRequest", "code": {"text": "B12" + " " * 2000}})) is True
