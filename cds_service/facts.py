@@ -1102,12 +1102,14 @@ _GATE_MEMO_LIMIT = 4096
 def head_gate(knowledge: Knowledge) -> Callable[[Head], bool]:
     """`_head_needed` bound to `knowledge`, with the common case inlined: an Observation (vital
     signs, other labs: most of every record) whose codings are all known pairs outside the
-    rules' sets is answered with one memo lookup per coding and no further call.  A medication
-    or an order, whose names are matched in their texts, is answered from a memo of
-    `_head_needed`'s answer keyed by the fields it reads (`_gate_key`)."""
+    rules' sets is answered with one memo lookup per coding and no further call, and so is a
+    Condition with a standard code.  A medication or an order, whose names are matched in their
+    texts, is answered from a memo of `_head_needed`'s answer keyed by the fields it reads
+    (`_gate_key`)."""
     known = knowledge.known_codes()
     match = knowledge.match_code
     observation_sets = _OBSERVATION_SETS
+    condition_sets = CONDITION_SETS
     verdicts: dict[tuple[Any, ...], bool] = {}
 
     def needed(head: Head) -> bool:
@@ -1123,6 +1125,20 @@ def head_gate(knowledge: Knowledge) -> Callable[[Head], bool]:
                 if not names.isdisjoint(observation_sets):
                     return True
             return False
+        if head.resourceType == "Condition" and head.code is not None and head.code.coding:
+            # As `_head_needed`: a coding in the rules' sets decides; else a standard code means
+            # the text is not read (the problem lists' common case, answered here).
+            standard = False
+            for coding in head.code.coding:
+                names = known((coding.system, coding.code))
+                if names is None:
+                    names = match(coding.system, coding.code)
+                if not names.isdisjoint(condition_sets):
+                    return True
+                if coding.system in STANDARD_SYSTEMS:
+                    standard = True
+            if standard:
+                return False
         key = _gate_key(head)
         if key is None:
             return _head_needed(knowledge, head)

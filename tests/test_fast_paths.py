@@ -217,9 +217,15 @@ def test_gate_memo_answers_by_the_words_of_each_head(knowledge: Knowledge) -> No
         {"resourceType": "ServiceRequest", "code": {"coding": [{"system": "http://loinc.org", "code": "2132-9"}]}},
         {"resourceType": "ServiceRequest", "code": {"coding": []}},
         {"resourceType": "Condition", "code": {"text": "neck pain"}},
+        {"resourceType": "Condition", "code": {"text": "neck pain", "coding": [{"system": SNOMED, "code": "38341003"}]}},
+        {"resourceType": "Condition", "code": {"text": "neck pain", "coding": [{"system": "urn:ehr", "code": "x1"}]}},
+        {"resourceType": "Condition", "code": {"coding": [{"system": "urn:ehr", "code": "x1"},
+                                                          {"system": SNOMED, "code": "81680005"}]}},
+        {"resourceType": "Condition", "code": {"coding": []}},
     ]
     expected = [_head_needed(knowledge, _typed_head(h)) for h in heads]
     assert expected[:2] == [True, False] and expected[6:8] == [True, False]
+    assert expected[10:14] == [True, False, True, True]
     for _ in range(3):  # computed, then remembered: the same answers, each for its own words
         assert [gate(_typed_head(h)) for h in heads] == expected
 
