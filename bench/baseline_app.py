@@ -45,6 +45,21 @@ def create_baseline_app() -> Flask:
     return app
 
 
+def reading_floor_app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+    """The floor under both apps, for reference only: a bare WSGI callable (no Flask) that reads
+    the declared body, parses it with orjson and answers `{"cards": []}`.  The issue's targets are
+    ratios to the Flask baseline above; the service's ratio to this floor shows how far it is
+    from "the cost of reading the request"."""
+    length = int(environ.get("CONTENT_LENGTH") or 0)
+    body = orjson.loads(environ["wsgi.input"].read(length))
+    if not isinstance(body, dict):
+        start_response("400 BAD REQUEST", [("Content-Type", "application/json")])
+        return [b'{"error": "not an object"}']
+    answer = orjson.dumps({"cards": []})
+    start_response("200 OK", [("Content-Type", "application/json"), ("Content-Length", str(len(answer)))])
+    return [answer]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Serve the baseline exactly as `b12-cds serve` serves the service."""
     from cds_service.asgi import WholeRequestFront

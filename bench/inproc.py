@@ -15,7 +15,7 @@ from typing import Any
 
 import orjson
 
-from bench.baseline_app import create_baseline_app
+from bench.baseline_app import create_baseline_app, reading_floor_app
 from bench.common import HOOK_PATH, card_problems, normalise_cards, percentile, silence_service_logs
 from bench.patients import Patient, hook_body
 
@@ -35,6 +35,8 @@ class InprocRow:
     baseline_p50_ms: float
     baseline_p99_ms: float
     card_summary: str
+    floor_p50_ms: float = float("nan")
+    """The reading floor (`bench.baseline_app.reading_floor_app`: no Flask), for reference."""
 
     @property
     def ratio_p50(self) -> float:
@@ -43,6 +45,10 @@ class InprocRow:
     @property
     def ratio_p99(self) -> float:
         return self.service_p99_ms / self.baseline_p99_ms
+
+    @property
+    def floor_ratio_p50(self) -> float:
+        return self.service_p50_ms / self.floor_p50_ms
 
     @property
     def us_per_resource(self) -> float:
@@ -103,6 +109,10 @@ def run_inprocess(patients: list[Patient], iterations: dict[str, int], *, warmup
         app = make_service_app(data_dir or tmp.name, **overrides)  # type: ignore[union-attr]
         service = app.test_client()
         baseline = create_baseline_app().test_client()
+        from werkzeug.test import Client
+        from werkzeug.wrappers import Response
+
+        floor = Client(reading_floor_app, Response)
         rows: list[InprocRow] = []
         cards: dict[str, bytes] = {}
         for patient in patients:
@@ -114,19 +124,22 @@ def run_inprocess(patients: list[Patient], iterations: dict[str, int], *, warmup
             n = iterations[patient.size]
             _time_calls(service, raw, min(warmup, n))
             _time_calls(baseline, raw, min(warmup, n))
+            _time_calls(floor, raw, min(warmup, n))
             gc.collect()
             svc_ms: list[float] = []
             base_ms: list[float] = []
+            floor_ms: list[float] = []
             chunk = 10
             for start in range(0, n, chunk):  # alternate in small chunks
                 k = min(chunk, n - start)
                 base_ms += _time_calls(baseline, raw, k)
                 svc_ms += _time_calls(service, raw, k)
+                floor_ms += _time_calls(floor, raw, k)
             rows.append(InprocRow(
                 size=patient.size, resources=patient.resource_count, body_bytes=len(raw), calls=n,
                 service_p50_ms=percentile(svc_ms, 0.5), service_p99_ms=percentile(svc_ms, 0.99),
                 baseline_p50_ms=percentile(base_ms, 0.5), baseline_p99_ms=percentile(base_ms, 0.99),
-                card_summary=summary))
+                card_summary=summary, floor_p50_ms=percentile(floor_ms, 0.5)))
         app.extensions["cds"].store.close() if hasattr(app.extensions["cds"].store, "close") else None
         return rows, cards
     finally:

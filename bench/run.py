@@ -107,6 +107,11 @@ def main(argv: list[str] | None = None) -> int:
         out()
         out(f"Card (every size): \"{rows[0].card_summary}\"")
         out()
+        out("For reference, not a target: the reading floor, a bare WSGI callable (no Flask) that reads the "
+            "body and parses it with orjson, timed in the same rotation (test client included): "
+            + "; ".join(f"{r.size} p50 {_fmt(r.floor_p50_ms, 3)} ms (service / floor {_fmt(r.floor_ratio_p50)}x)"
+                        for r in rows) + ".")
+        out()
         # The rows above repeat one patient, as EHRs do (order-select fires on every selection
         # change), so the R4B validation verdicts come from the service's cache.  The cold row
         # shows the cost when every resource is new to the worker.

@@ -30,8 +30,21 @@ def test_inprocess_harness_produces_card_and_ratio(tmp_path) -> None:
     assert row.calls == 5 and row.resources == 20
     assert "B12" in row.card_summary
     assert b"2132-9" in cards["small"]
-    for value in (row.ratio_p50, row.ratio_p99, row.us_per_resource):
+    for value in (row.ratio_p50, row.ratio_p99, row.us_per_resource, row.floor_ratio_p50):
         assert math.isfinite(value) and value >= 0
+
+
+def test_reading_floor_answers_like_the_baseline() -> None:
+    from werkzeug.test import Client
+    from werkzeug.wrappers import Response
+
+    from bench.baseline_app import reading_floor_app
+
+    client = Client(reading_floor_app, Response)
+    body = hook_body(all_patients()[0])
+    ok = client.post("/cds-services/x", data=body, content_type="application/json")
+    assert ok.status_code == 200 and orjson.loads(ok.data) == {"cards": []}
+    assert client.post("/cds-services/x", data=b"[1]", content_type="application/json").status_code == 400
 
 
 def test_card_check_rejects_an_empty_answer() -> None:
