@@ -183,19 +183,45 @@ DELIVERIES: tuple[str, ...] = ("shown", "silent", "suppressed", "locked-out")
 
 _ISSUED_COLUMNS = ("card_uuid, service_id, kind, hook_instance, patient_hash, issued_at, delivery,"
                    " encounter_hash, situation, withheld_by, suggestion_uuids")
-_ISSUED_ROW = "(" + ", ".join("?" * (_ISSUED_COLUMNS.count(",") + 1)) + ")"
+_ISSUED_COLUMN_COUNT = _ISSUED_COLUMNS.count(",") + 1
 
 
 _MAX_ROWS_PER_INSERT = 500
 """Rows per multi-row INSERT: 5,500 parameters, within SQLite's and PostgreSQL's limits."""
+_MAX_NULL_LITERAL_ROWS = 4
+"""Up to this many rows (a hook call's), an INSERT writes its NULLs as literals (`_issued_insert`)."""
 
 
-@lru_cache(maxsize=16)
-def _insert_issued_sql(rows: int) -> str:
-    """The multi-row INSERT of `rows` issued cards (the text is cached: SQLite and psycopg then
-    reuse their prepared statement)."""
-    return (f"INSERT INTO issued_cards ({_ISSUED_COLUMNS}) VALUES "
-            + ", ".join([_ISSUED_ROW] * rows) + " ON CONFLICT (card_uuid) DO NOTHING")
+@lru_cache(maxsize=64)
+def _insert_issued_sql(nulls: tuple[int, ...]) -> str:
+    """The multi-row INSERT of `len(nulls)` issued cards; bit i of a row's mask: its column i is
+    a literal NULL instead of a parameter.  (The text is cached: SQLite and psycopg then reuse
+    their prepared statement.)"""
+    values = ", ".join(
+        "(" + ", ".join("NULL" if mask >> i & 1 else "?" for i in range(_ISSUED_COLUMN_COUNT)) + ")"
+        for mask in nulls)
+    return (f"INSERT INTO issued_cards ({_ISSUED_COLUMNS}) VALUES {values}"
+            " ON CONFLICT (card_uuid) DO NOTHING")
+
+
+def _issued_insert(rows: Sequence[tuple[Any, ...]]) -> tuple[str, list[Any]]:
+    """The INSERT of `rows` and its parameters.  A few rows (a hook call): each None is a NULL
+    literal in the statement, not a parameter; Python's sqlite3 binds None through its adapter
+    protocol (a failed attribute lookup, about 1 µs each), and a call has two or three Nones.
+    Many rows (bulk): every value a parameter, so one statement text serves every chunk."""
+    if len(rows) > _MAX_NULL_LITERAL_ROWS:
+        return _insert_issued_sql((0,) * len(rows)), [v for row in rows for v in row]
+    masks: list[int] = []
+    params: list[Any] = []
+    for row in rows:
+        mask = 0
+        for i, value in enumerate(row):
+            if value is None:
+                mask |= 1 << i
+            else:
+                params.append(value)
+        masks.append(mask)
+    return _insert_issued_sql(tuple(masks)), params
 
 
 # The alert policy's reads (Store.policy_records): the suppression primary key and, for the
@@ -278,8 +304,26 @@ class SaveResult:
 
 
 def utc_now_text() -> str:
-    """Current UTC time in the storage text format (sortable as text)."""
-    return timestamp_text(datetime.now(timezone.utc))
+    """Current UTC time in the storage text format (sortable as text): `timestamp_text` of
+    `datetime.now(timezone.utc)`, from the same clock (truncated to the microsecond, as
+    `datetime.now`), in a quarter of the time (every hook call stamps its cards)."""
+    return utc_text_of_micros(time.time_ns() // 1000)
+
+
+_second_prefix: tuple[int, str] = (-1, "")
+"""(Unix second, its `YYYY-MM-DDTHH:MM:SS.` text): the last second `utc_text_of_micros` saw."""
+
+
+def utc_text_of_micros(micros: int) -> str:
+    """`timestamp_text` of the UTC moment `micros` microseconds after the Unix epoch (at or after
+    year 1000), formatted once per second."""
+    global _second_prefix
+    second, fraction = divmod(micros, 1_000_000)
+    cached = _second_prefix
+    if cached[0] != second:
+        # Another thread may replace it meanwhile: each tuple is whole, so any one is right.
+        cached = _second_prefix = (second, time.strftime("%Y-%m-%dT%H:%M:%S.", time.gmtime(second)))
+    return f"{cached[1]}{fraction:06d}Z"
 
 
 def timestamp_text(moment: datetime) -> str:
@@ -293,6 +337,22 @@ def timestamp_text(moment: datetime) -> str:
     return utc.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
+class _ThreadState(threading.local):
+    """What each thread keeps per store.  Class-level defaults: reading an attribute a thread
+    has not set yet finds the default instead of raising (and formatting) an AttributeError,
+    which `getattr(local, name, None)` on a plain `threading.local` does on every miss."""
+
+    conn: Any = None
+    pid: int = -1
+    cursor: Any = None
+    """SQLite: the hook path's statements reuse one cursor (`conn.execute` makes one each time)."""
+    sync: tuple[Any, str] | None = None
+    """(connection, level) of the last `PRAGMA synchronous` sent on it."""
+    suppression_change: int | None = None
+    last_patient: tuple[str, str] | None = None
+    last_encounter: tuple[str, str] | None = None
+
+
 class Store:
     """Database access for issued cards, feedback and the JWT replay cache."""
 
@@ -303,7 +363,7 @@ class Store:
         self._sqlite_path = sqlite_path
         self._database_url = database_url
         self._patient_key = patient_hash_key
-        self._local = threading.local()
+        self._local = _ThreadState()
         self._all_conns: list[tuple[int, Any]] = []
         self._inherited: list[Any] = []
         self._conns_lock = threading.Lock()
@@ -350,16 +410,17 @@ class Store:
                     conn.close()
                 except Exception:  # noqa: BLE001 - closing a broken connection
                     pass
-        self._local = threading.local()
+        self._local = _ThreadState()
 
     def _connection(self) -> Any:
         """This thread's connection in this process, opened on first use."""
         pid = _process.pid
-        conn = getattr(self._local, "conn", None)
-        if conn is not None and self._local.pid == pid and (
+        local = self._local
+        conn = local.conn
+        if conn is not None and local.pid == pid and (
                 self.dialect == "sqlite" or not _is_broken(conn)):  # SQLite's never break
             return conn
-        if conn is not None and self._local.pid == pid:  # broken: replace it
+        if conn is not None and local.pid == pid:  # broken: replace it
             try:
                 conn.close()
             except Exception:  # noqa: BLE001
@@ -367,9 +428,8 @@ class Store:
             with self._conns_lock:
                 self._all_conns = [(o, c) for o, c in self._all_conns if c is not conn]
         conn = self._connect()
-        self._local.conn, self._local.pid = conn, pid
-        # SQLite: the hook path's statements reuse one cursor (`conn.execute` makes one each time)
-        self._local.cursor = conn.cursor() if self.dialect == "sqlite" else None
+        local.conn, local.pid = conn, pid
+        local.cursor = conn.cursor() if self.dialect == "sqlite" else None
         with self._conns_lock:
             # Connections inherited through fork() belong to the parent: never use or close them
             # here (closing would disturb the parent's locks or session); keep them referenced
@@ -447,7 +507,7 @@ class Store:
 
     def _sqlite_sync(self, conn: Any, level: str) -> None:
         """Set this thread's connection's `synchronous` level (a PRAGMA only when it changes)."""
-        if getattr(self._local, "sync", None) != (conn, level):
+        if self._local.sync != (conn, level):
             conn.execute(f"PRAGMA synchronous = {level}")
             self._local.sync = (conn, level)
 
@@ -471,9 +531,10 @@ class Store:
     def _end_suppression_change(self, conn: Any) -> None:
         """After a transaction or autocommit statement: end the suppression change it made, once
         nothing of it is still open (a transaction still open keeps the generation odd)."""
-        marker = getattr(self._local, "suppression_change", None)
+        local = self._local
+        marker = local.suppression_change
         if marker is not None and not conn.in_transaction:
-            self._local.suppression_change = None
+            local.suppression_change = None
             self._suppression_generation().end_change(marker)
 
     def _begin_postgres(self, durable: bool = True) -> Any:
@@ -532,7 +593,7 @@ class Store:
         A hook call hashes its patient twice (the policy read, then the issued-card write), so
         each thread remembers the last id it hashed (in memory only, replaced by the next)."""
         local = self._local
-        last = getattr(local, "last_patient", None)
+        last = local.last_patient
         if last is not None and last[0] == patient_id:
             return last[1]
         digest = hmac.digest(self._patient_key, patient_id.encode("utf-8"), "sha256").hex()
@@ -544,9 +605,18 @@ class Store:
         return hmac.new(self._patient_key, text.encode("utf-8"), hashlib.sha256).hexdigest()[:length]
 
     def encounter_hash(self, encounter_id: str) -> str:
-        """Keyed hash of an encounter id (stored with issued cards for the encounter lockout)."""
-        return hmac.new(self._patient_key, b"encounter\x00" + encounter_id.encode("utf-8"),
-                        hashlib.sha256).hexdigest()
+        """Keyed hash of an encounter id (stored with issued cards for the encounter lockout).
+
+        An order hook hashes its encounter twice (the lockout read, then the issued-card write):
+        each thread remembers the last one, as `patient_hash` does."""
+        local = self._local
+        last = local.last_encounter
+        if last is not None and last[0] == encounter_id:
+            return last[1]
+        digest = hmac.digest(self._patient_key, b"encounter\x00" + encounter_id.encode("utf-8"),
+                             "sha256").hex()
+        local.last_encounter = (encounter_id, digest)
+        return digest
 
     def record_issued_cards(self, service_id: str, hook_instance: str, patient_id: str,
                             cards: Sequence[IssuedCard], encounter_id: str | None = None) -> None:
@@ -566,12 +636,11 @@ class Store:
                  orjson.dumps(list(dict.fromkeys(card.suggestion_uuids))).decode())
                 for card in cards]
         if len(rows) <= _MAX_ROWS_PER_INSERT:  # a hook call: a few cards
-            self._write(_insert_issued_sql(len(rows)), [v for row in rows for v in row], retry=True)
+            self._write(*_issued_insert(rows), retry=True)
             return
         with self._transaction(durable=False) as cur:  # bulk (seeding, tests): still atomic
             for start in range(0, len(rows), _MAX_ROWS_PER_INSERT):
-                chunk = rows[start:start + _MAX_ROWS_PER_INSERT]
-                cur.execute(_insert_issued_sql(len(chunk)), [v for row in chunk for v in row])
+                cur.execute(*_issued_insert(rows[start:start + _MAX_ROWS_PER_INSERT]))
 
     # ---------------------------------------------------------------------------------------
     # Alert policy: suppressions and the encounter lockout

@@ -22,7 +22,8 @@ from pathlib import Path
 import pytest
 
 from cds_service.config import Settings
-from cds_service.store import SCHEMA_VERSION, IssuedCard, PolicyRecords, Store, timestamp_text
+from cds_service.store import (SCHEMA_VERSION, IssuedCard, PolicyRecords, Store, timestamp_text,
+                               utc_now_text, utc_text_of_micros)
 
 SVC = "b12-neck-pain-patient-view"
 OTHER_SVC = "b12-neck-pain-order-sign"
@@ -106,6 +107,47 @@ class StoreContract:
         assert flags == [("c1", False), ("c2", False), ("c2", True)]
         kinds = {k["kind"]: k for k in store.feedback_report()["kinds"]}
         assert (kinds["kind-a"]["issued"], kinds["kind-a"]["suppressed"], kinds["kind-b"]["issued"]) == (1, 1, 1)
+
+    @pytest.mark.parametrize("copies", [1, 6])  # a hook call's few rows; a bulk INSERT's many
+    def test_every_column_is_stored_as_given_nulls_included(self, store, copies):
+        """A few rows write their None values as NULL literals in the statement, many rows bind
+        every value: both store exactly what was given, rows with different NULLs side by side."""
+        cards = []
+        for n in range(copies):
+            cards += [IssuedCard(f"shown-{n}", "kind-a", ("s1", "s2"), situation='{"b12":"x"}'),
+                      IssuedCard(f"bare-{n}", "kind-b"),
+                      IssuedCard(f"held-{n}", "kind-a", delivery="silent", withheld_by='{"setting":"silent"}')]
+        store.record_issued_cards(SVC, "h", "p", cards, encounter_id="enc-1")
+        store.record_issued_cards(SVC, "h2", "p", [IssuedCard("no-encounter", "kind-a")])
+        with store._transaction(write=False) as cur:
+            rows = {r[0]: r[1:] for r in cur.execute(
+                "SELECT card_uuid, kind, delivery, encounter_hash, situation, withheld_by,"
+                " suggestion_uuids FROM issued_cards").fetchall()}
+        enc = store.encounter_hash("enc-1")
+        for n in range(copies):
+            assert rows[f"shown-{n}"] == ("kind-a", "shown", enc, '{"b12":"x"}', None, '["s1","s2"]')
+            assert rows[f"bare-{n}"] == ("kind-b", "shown", enc, None, None, "[]")
+            assert rows[f"held-{n}"] == ("kind-a", "silent", enc, None, '{"setting":"silent"}', "[]")
+        assert rows["no-encounter"] == ("kind-a", "shown", None, None, None, "[]")
+
+    def test_the_encounter_hash_is_right_for_every_thread(self, store):
+        """Each thread remembers the last encounter it hashed, as for patients."""
+        key = store._patient_key
+        errors: list[str] = []
+
+        def client(n: int) -> None:
+            for i in range(300):
+                enc = f"e{(n * 7 + i) % 5}"
+                expected = hmac.new(key, b"encounter\x00" + enc.encode(), hashlib.sha256).hexdigest()
+                if store.encounter_hash(enc) != expected:
+                    errors.append(enc)
+
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
 
     def test_concurrent_hook_calls_record_every_card(self, open_store):
         """Threads of several workers' stores recording at once (each a single autocommit
@@ -639,3 +681,22 @@ class TestSqliteStore(StoreContract):
                 os._exit(0)
         os.waitpid(pid, 0)
         assert len(Store.open(settings).feedback_rows()) == 50
+
+
+def test_the_current_time_text_is_datetimes():
+    """`utc_now_text` formats the clock itself (once per second): the same text as
+    `timestamp_text` of the same moment, on second boundaries too, and between two readings of
+    `datetime.now` taken around it."""
+    import random
+
+    rng = random.Random(16)
+    epoch = datetime(1970, 1, 1, tzinfo=timezone.utc)
+    moments = [rng.randrange(0, 8_000_000_000 * 10**6) for _ in range(3000)]
+    moments += [s * 10**6 + d for s in (0, 1_700_000_000, 4_102_444_800, 951_782_400) for d in (-1, 0, 1)]
+    for micros in moments:  # 951782400: 2000-02-29
+        assert utc_text_of_micros(micros) == timestamp_text(epoch + timedelta(microseconds=micros))
+    for _ in range(200):
+        before = timestamp_text(datetime.now(timezone.utc))
+        text = utc_now_text()
+        after = timestamp_text(datetime.now(timezone.utc))
+        assert before <= text <= after and len(text) == len(before)
