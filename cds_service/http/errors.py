@@ -116,67 +116,105 @@ def outcome_response(status: int, diagnostics: str, **kwargs: object) -> Respons
     return json_response(operation_outcome(status, diagnostics, **kwargs), status)
 
 
-def _log_client_error(status: int, reason: str) -> None:
+def request_limit_error(environ: Mapping[str, Any], max_header_bytes: int, *,
+                        reads_body: bool) -> CdsError | None:
+    """The error for a request refused before any view runs, else None: the body the front
+    refused (for views that do not read the body: `reads_body` ones answer it in
+    `hooks.read_body`, after authentication), a request line or a header field longer than
+    `max_header_bytes` (431)."""
+    refused = environ.get(FRONT_ERROR_ENVIRON)
+    if refused and not reads_body:
+        return front_error(refused)
+    line = len(environ.get("RAW_URI") or environ.get("REQUEST_URI") or "") or (
+        len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")) + 1)
+    if line > max_header_bytes:
+        return CdsError(431, f"request line longer than {max_header_bytes} bytes")
+    name = oversized_header(environ, max_header_bytes)  # type: ignore[arg-type]
+    if name is not None:
+        # The name only: the value may be a token.
+        return CdsError(431, f"header {name[:64]!r} longer than {max_header_bytes} bytes")
+    return None
+
+
+def _log_client_error(status: int, reason: str, method: str, path: str, hook_instance: str | None) -> None:
     """Every 4xx leaves a line on the service side, so an integrator whose EHR got one can see
     why.  The reason is our own diagnostics (field names, limits), never request values.
 
-    Written by the error handlers, which answer every 4xx of this app (no view returns one
+    Written by the error answers below, which answer every 4xx of this app (no view returns one
     itself; tests/test_integrator_logs.py covers each kind): an `after_request` hook asking
     every answer for its status was a visible part of a small hook call's fixed cost."""
     if 400 <= status < 500:
         log.warning("client_error", extra={
-            "event": "client_error", "status": status, "method": request.method,
-            "path": request.path[:200], "hook_instance": g.get("hook_instance"), "reason": reason})
+            "event": "client_error", "status": status, "method": method,
+            "path": path[:200], "hook_instance": hook_instance, "reason": reason})
+
+
+def cds_error_response(err: CdsError, method: str, path: str, hook_instance: str | None) -> Response:
+    """The answer to a `CdsError` (and its 4xx line): its OperationOutcome, `WWW-Authenticate`
+    on 401."""
+    _log_client_error(err.status, getattr(err, "log_reason", None) or err.diagnostics[:300],
+                      method, path, hook_instance)
+    response = json_response(err.outcome(), err.status)
+    if err.status == 401:
+        response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750; no detail on purpose
+    return response
+
+
+def http_error_response(err: HTTPException, method: str, path: str, hook_instance: str | None) -> Response:
+    """The answer to a werkzeug `HTTPException` (routing's 404/405, the 413 past
+    `MAX_CONTENT_LENGTH`, a client that disconnected mid-body): an OperationOutcome with our
+    wording, and the protocol headers werkzeug computed."""
+    status = err.code or 500
+    reason = HTTP_MESSAGES.get(status, err.name)
+    _log_client_error(status, reason, method, path, hook_instance)
+    response = outcome_response(status, reason)
+    # Keep protocol headers werkzeug computed (e.g. `Allow` on 405, required by RFC 9110).
+    for name, value in err.get_headers():
+        if name.lower() != "content-type":
+            response.headers[name] = value
+    return response
+
+
+def unexpected_error_response(err: BaseException, path: str, hook_instance: str | None) -> Response:
+    """The 500 for an exception nothing else answers; logged with its type and the request id
+    only: exception text can carry patient data."""
+    log.error("unhandled exception", extra={
+        "event": "unhandled_exception", "error_type": type(err).__name__,
+        "hook_instance": hook_instance, "path": path})
+    return outcome_response(500, "internal error; the request id is logged on the server")
+
+
+def error_response(err: Exception, method: str, path: str, hook_instance: str | None) -> Response:
+    """The answer to any exception a request raised, as Flask's error handlers below choose it
+    (for the hook route ahead of Flask, `cds_service.http.hook_route`, which has no Flask)."""
+    if isinstance(err, CdsError):
+        return cds_error_response(err, method, path, hook_instance)
+    if isinstance(err, HTTPException):
+        return http_error_response(err, method, path, hook_instance)
+    return unexpected_error_response(err, path, hook_instance)
 
 
 def register(app: Flask) -> None:
-    """Install the request-size checks, the per-answer headers (security, CORS: on every answer,
-    errors and preflight included), the JSON error handlers and their 4xx log line."""
-    settings = app.extensions["cds"].settings
-    cors_headers = settings.cors_policy.answer_headers
-    max_header_bytes = settings.max_header_bytes
+    """Install the request-size checks and the JSON error handlers (with their 4xx log line):
+    thin adapters from Flask's hooks to the plain functions above, which the hook route ahead
+    of Flask calls too, so the two cannot answer differently."""
+    max_header_bytes = app.extensions["cds"].settings.max_header_bytes
 
     @app.before_request
     def _check_request_limits() -> None:
-        environ = request.environ
-        if environ.get(FRONT_ERROR_ENVIRON) and request.endpoint not in BODY_READING_ENDPOINTS:
-            raise front_error(environ[FRONT_ERROR_ENVIRON])  # the hook views raise it in read_body
-        line = len(environ.get("RAW_URI") or environ.get("REQUEST_URI") or "") or (
-            len(environ.get("PATH_INFO", "")) + len(environ.get("QUERY_STRING", "")) + 1)
-        if line > max_header_bytes:
-            raise CdsError(431, f"request line longer than {max_header_bytes} bytes")
-        name = oversized_header(environ, max_header_bytes)
-        if name is not None:
-            # The name only: the value may be a token.
-            raise CdsError(431, f"header {name[:64]!r} longer than {max_header_bytes} bytes")
-
-    app.wsgi_app = AnswerHeaders(app.wsgi_app, cors_headers)  # type: ignore[method-assign]
+        refused = request_limit_error(request.environ, max_header_bytes,
+                                      reads_body=request.endpoint in BODY_READING_ENDPOINTS)
+        if refused is not None:
+            raise refused
 
     @app.errorhandler(CdsError)
     def _cds_error(err: CdsError) -> Response:
-        g.error_reason = getattr(err, "log_reason", None) or err.diagnostics[:300]
-        _log_client_error(err.status, g.error_reason)
-        response = json_response(err.outcome(), err.status)
-        if err.status == 401:
-            response.headers["WWW-Authenticate"] = "Bearer"  # RFC 6750; no detail on purpose
-        return response
+        return cds_error_response(err, request.method, request.path, g.get("hook_instance"))
 
     @app.errorhandler(HTTPException)
     def _http_error(err: HTTPException) -> Response:
-        status = err.code or 500
-        g.error_reason = HTTP_MESSAGES.get(status, err.name)
-        _log_client_error(status, g.error_reason)
-        response = outcome_response(status, g.error_reason)
-        # Keep protocol headers werkzeug computed (e.g. `Allow` on 405, required by RFC 9110).
-        for name, value in err.get_headers():
-            if name.lower() != "content-type":
-                response.headers[name] = value
-        return response
+        return http_error_response(err, request.method, request.path, g.get("hook_instance"))
 
     @app.errorhandler(Exception)
     def _unexpected(err: Exception) -> Response:
-        # Log the type and the request id only: exception text can carry patient data.
-        log.error("unhandled exception", extra={
-            "event": "unhandled_exception", "error_type": type(err).__name__,
-            "hook_instance": g.get("hook_instance"), "path": request.path})
-        return outcome_response(500, "internal error; the request id is logged on the server")
+        return unexpected_error_response(err, request.path, g.get("hook_instance"))
