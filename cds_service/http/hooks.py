@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import orjson
-from flask import Blueprint, Request, Response, g, request
+from flask import Blueprint, Response, g, request
+from werkzeug import Request
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
 
 from cds_service import metrics, wire
@@ -90,30 +91,50 @@ def discovery() -> Response:
 
 @blueprint.post("/cds-services/<service_id>")
 def call_service(service_id: str) -> Response:
-    started = time.perf_counter()
+    """A hook call through Flask's dispatch.  `hook_route.HookRoute`, ahead of Flask, answers
+    the calls to known services itself with the same `answer_hook`; Flask gets the rest (an
+    unknown service's 404) and what the route leaves to Flask's routing (see there)."""
     s = services()
     svc = load_service_definitions(s.settings.cards_dir).get(service_id)
     if svc is None:
         raise CdsError(404, f"unknown CDS service {service_id[:64]!r}")
-    status = 500
-    # What the hook's log line says beyond service/status/timing, filled in as it becomes known.
     counts: dict[str, object] = {}
     try:
         # The request object itself, not the `request` proxy: every attribute read through the
         # proxy costs a context-variable lookup, and the hook path reads dozens.
-        response = _evaluate_hook(s, svc, request._get_current_object(), counts)  # type: ignore[attr-defined]
-        status = response.status_code
-        return response
+        return hook_response(answer_hook(s, svc, request._get_current_object(), counts))  # type: ignore[attr-defined]
+    except Exception:
+        g.hook_instance = counts.get("hook_instance")  # for the error handlers' lines
+        raise
+
+
+def hook_response(answer: bytes) -> Response:
+    """The 200 answer of a hook call (`answer`: the JSON `answer_hook` made)."""
+    return Response(answer, status=200, mimetype="application/json")
+
+
+def answer_hook(s: Services, svc: ServiceDefinition, req: Request, counts: dict[str, object]) -> bytes:
+    """A hook call of service `svc`: the JSON answer (status 200), else the exception to answer.
+    Counted in the Prometheus metrics and logged (the `hook` line) either way.
+
+    `req` is a plain werkzeug request (no Flask context is needed); `counts` receives the log
+    line's fields, `hook_instance` among them once the body is parsed (for the error's line)."""
+    started = time.perf_counter()
+    status = 500
+    try:
+        answer = _evaluate_hook(s, svc, req, counts)
+        status = 200
+        return answer
     except (CdsError, HTTPException) as err:  # werkzeug raises 413 past MAX_CONTENT_LENGTH
         status = (err.status if isinstance(err, CdsError) else err.code) or 500
         raise
     finally:
         elapsed = time.perf_counter() - started
-        requests_counted, latency = _hook_metrics(service_id, status)
+        requests_counted, latency = _hook_metrics(svc.id, status)
         requests_counted.inc()
         latency.observe(elapsed)
         if log.isEnabledFor(logging.INFO):
-            counts.update(event="hook", service=service_id, status=status,
+            counts.update(event="hook", service=svc.id, status=status,
                           duration_ms=round(elapsed * 1000, 2))
             write_event(log, logging.INFO, "hook", counts)
 
@@ -127,12 +148,12 @@ def _hook_metrics(service_id: str, status: int) -> tuple[Any, Any]:
             metrics.LATENCY.labels(service_id, str(status)))
 
 
-def _evaluate_hook(s: Services, svc: ServiceDefinition, req: Request, counts: dict[str, object]) -> Response:
-    """The hook call proper (`counts`: the log line's fields, filled in here)."""
+def _evaluate_hook(s: Services, svc: ServiceDefinition, req: Request, counts: dict[str, object]) -> bytes:
+    """The hook call proper: the answer's JSON (`counts`: the log line's fields, filled in here)."""
     s.verifier.verify(req)
     body = read_json_body(req, max_depth=s.settings.max_json_depth, lazy_prefetch=True)
     hook_request = parse_hook_request(body, svc.hook, max_string_length=s.settings.max_string_length)
-    g.hook_instance = counts["hook_instance"] = hook_request.hook_instance  # g: for the error handlers' lines
+    counts["hook_instance"] = hook_request.hook_instance
 
     gathered = s.patient_data.gather(hook_request, s.patient_data.prefetch_templates(svc.hook, s.engine),
                                      needed=s.engine.resource_needed, needed_head=s.engine.head_needed)
@@ -172,7 +193,7 @@ def _evaluate_hook(s: Services, svc: ServiceDefinition, req: Request, counts: di
             "fhir_calls": gathered.fhir_calls,
         }
         answer["extension"] = {EXPLANATION_EXTENSION: explanation}
-    return json_response(answer)
+    return orjson.dumps(answer)
 
 
 def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evaluation,
