@@ -219,22 +219,23 @@ class CardBuilder:
             return None
         spec = self.texts.kinds[decision.kind]
         labels = self.risk_labels(facts)
+        card_uuid, suggestion_uuid = uuid4_pair()
         suggestion = None
         if decision.kind in ("b12-test", "mma-test"):
-            suggestion = self._suggestion(decision, spec, facts, context)
+            suggestion = self._suggestion(decision, spec, facts, context, suggestion_uuid)
         card = self._assemble(
             summary=self._summary(decision, spec, facts, labels),
             detail=self._detail(decision, spec, facts, labels),
             indicator=decision.indicator or "info",
             suggestion=suggestion,
-            reasons=self._offered_reasons(decision.kind, facts))
-        return RenderedCard(card, (suggestion["uuid"],) if suggestion else ())
+            reasons=self._offered_reasons(decision.kind, facts), uuid=card_uuid)
+        return RenderedCard(card, (suggestion_uuid,) if suggestion else ())
 
     def _assemble(self, *, summary: str, detail: str, indicator: str, suggestion: dict[str, Any] | None,
-                  reasons: list[dict[str, Any]]) -> dict[str, Any]:
+                  reasons: list[dict[str, Any]], uuid: str) -> dict[str, Any]:
         """The card's JSON, members in `protocol.Card` order (what its model_dump gives)."""
         _check_card(summary, detail, indicator)
-        card: dict[str, Any] = {"uuid": uuid4(), "summary": summary, "detail": detail,
+        card: dict[str, Any] = {"uuid": uuid, "summary": summary, "detail": detail,
                                 "indicator": indicator, "source": self._source}
         if suggestion is not None:
             card["suggestions"] = [suggestion]
@@ -265,10 +266,10 @@ class CardBuilder:
                 texts = self._texts_for(test, spec) if test else None
                 suggestion = None
                 if isinstance(texts, _SuggestionTexts):
-                    suggestion = self._suggestion_json(texts, True, dict(resource))
+                    suggestion = self._suggestion_json(texts, True, dict(resource), uuid4())
                 for reasons in (self._override_reasons[kind], self._override_reasons_red_flags[kind]):
                     card = self._assemble(summary="check", detail="check", indicator="info",
-                                          suggestion=suggestion, reasons=reasons)
+                                          suggestion=suggestion, reasons=reasons, uuid=uuid4())
                     model = protocol.Card.model_validate(card)
                     if orjson.dumps(model.to_json()) != orjson.dumps(card):
                         raise ValueError(f"cards/{kind}.json: the card differs from the protocol model")
@@ -497,7 +498,7 @@ class CardBuilder:
 
     # -- suggestion ---------------------------------------------------------------------------
     def _suggestion(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
-                    context: Any) -> dict[str, Any] | None:
+                    context: Any, uuid: str) -> dict[str, Any] | None:
         if decision.kind == "mma-test":
             test = "mma"
         elif decision.suggest == "active-b12":  # pregnancy: active B12 is the test (NICE NG239)
@@ -512,7 +513,7 @@ class CardBuilder:
             intent=self.settings.order_intent, verdicts=self.verdicts)
         if resource is None:
             return None
-        return self._suggestion_json(texts, decision.recommended, resource)
+        return self._suggestion_json(texts, decision.recommended, resource, uuid)
 
     def _texts_for(self, test: str, spec: dict[str, Any]) -> _SuggestionTexts | object:
         """The fixed parts of the suggestion of `test` ("b12", "active-b12", "mma") on a card of
@@ -541,9 +542,9 @@ class CardBuilder:
 
     @staticmethod
     def _suggestion_json(texts: _SuggestionTexts, recommended: bool | None,
-                         resource: dict[str, Any]) -> dict[str, Any]:
-        """A suggestion's JSON, members in `protocol.Suggestion` order, with a fresh uuid."""
-        suggestion: dict[str, Any] = {"label": texts.label, "uuid": uuid4()}
+                         resource: dict[str, Any], uuid: str) -> dict[str, Any]:
+        """A suggestion's JSON, members in `protocol.Suggestion` order, with its fresh `uuid`."""
+        suggestion: dict[str, Any] = {"label": texts.label, "uuid": uuid}
         if recommended is not None:
             suggestion["isRecommended"] = recommended
         suggestion["actions"] = [{"type": "create", "description": texts.action, "resource": resource}]
@@ -584,13 +585,27 @@ def build_service_request(*, loinc: str, display: str, text: str, facts: Patient
 # --- formatting helpers -----------------------------------------------------------------------
 
 def uuid4() -> str:
-    """`str(uuid.uuid4())` in a third of the time (two per card): the same 16 random bytes
-    from `os.urandom`, version 4 and the RFC 4122 variant set the same way, the same text."""
+    """`str(uuid.uuid4())` in a third of the time: the same 16 random bytes from `os.urandom`,
+    version 4 and the RFC 4122 variant set the same way, the same text."""
     b = bytearray(os.urandom(16))
     b[6] = (b[6] & 0x0F) | 0x40
     b[8] = (b[8] & 0x3F) | 0x80
     h = b.hex()
     return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+_VARIANT_DIGIT = {d: "89ab"[int(d, 16) & 3] for d in "0123456789abcdef"}
+"""The first hex digit of byte 8 with the RFC 4122 variant set (top two bits 10, the other two kept)."""
+
+
+def uuid4_pair() -> tuple[str, str]:
+    """Two `uuid4()`s (a card's and its suggestion's) from one `os.urandom` read of 32 bytes (the
+    system call is most of the cost): each is 16 of the bytes with the version digit written as
+    "4" and the variant set as `uuid4` sets them, so 122 random bits each, as `uuid.uuid4()`."""
+    h = os.urandom(32).hex()
+    v = _VARIANT_DIGIT
+    return (f"{h[:8]}-{h[8:12]}-4{h[13:16]}-{v[h[16]]}{h[17:20]}-{h[20:32]}",
+            f"{h[32:40]}-{h[40:44]}-4{h[45:48]}-{v[h[48]]}{h[49:52]}-{h[52:]}")
 
 
 INDICATORS = frozenset({"info", "warning", "critical"})

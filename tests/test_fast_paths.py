@@ -12,7 +12,7 @@ from datetime import date
 import pytest
 
 from cds_service import facts as facts_module
-from cds_service.cards import uuid4
+from cds_service.cards import uuid4, uuid4_pair
 from cds_service.config import Settings
 from cds_service.facts import Evidence, Match, PatientFacts, parse_date
 from cds_service.frozen import fast_init
@@ -173,6 +173,23 @@ def test_card_uuids_are_random_version_4() -> None:
         assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
         seen.add(text)
     assert len(seen) == 2000
+
+
+def test_card_uuid_pairs_are_two_random_version_4_uuids() -> None:
+    seen = set()
+    digits: dict[int, set[str]] = {}
+    for _ in range(2000):
+        pair = uuid4_pair()
+        for text in pair:
+            parsed = uuid.UUID(text)
+            assert str(parsed) == text and parsed.version == 4 and parsed.variant == uuid.RFC_4122
+            for i, ch in enumerate(text.replace("-", "")):
+                digits.setdefault(i, set()).add(ch)
+        seen.update(pair)
+    assert len(seen) == 4000  # never the same uuid twice, within a pair or across pairs
+    # every digit but the version's is random (the variant's first digit: 8, 9, a or b)
+    assert digits.pop(12) == {"4"} and digits.pop(16) == set("89ab")
+    assert all(found == set("0123456789abcdef") for found in digits.values())
 
 
 # --- the validation verdict key ----------------------------------------------------------------
