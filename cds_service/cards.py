@@ -210,6 +210,9 @@ class CardBuilder:
         self._band_texts: dict[tuple[str, str], str] = {}
         self._sections: dict[tuple[str | None, str], str] = {}
         self._unavailable: dict[frozenset[str], str] = {}
+        self._fixed_labels: dict[str, str] = {
+            key: label for key, label in common["risk_factor_labels"].items()
+            if type(label) is str and "{" not in label and "}" not in label}
         self._check_shared_parts()
 
     # -- public -------------------------------------------------------------------------------
@@ -277,7 +280,12 @@ class CardBuilder:
     # -- summary ------------------------------------------------------------------------------
     def risk_labels(self, facts: PatientFacts) -> list[str]:
         labels = self.texts.common["risk_factor_labels"]
-        return [labels[r.key].format(age=facts.age_years) for r in facts.risk_factors]
+        fixed = self._fixed_labels
+        out = []
+        for r in facts.risk_factors:
+            label = fixed.get(r.key)  # a label without a placeholder is itself (no format call)
+            out.append(label if label is not None else labels[r.key].format(age=facts.age_years))
+        return out
 
     def _summary(self, decision: Decision, spec: dict[str, Any], facts: PatientFacts,
                  labels: list[str]) -> str:
@@ -346,7 +354,9 @@ class CardBuilder:
             lines = []
             notes = c.get("risk_factor_notes", {})
             for label, risk in zip(labels, facts.risk_factors):
-                ev = "; ".join(_evidence(e) for e in risk.evidence[:MAX_LIST_ITEMS])
+                evidence = risk.evidence
+                ev = (_evidence(evidence[0]) if len(evidence) == 1
+                      else "; ".join([_evidence(e) for e in evidence[:MAX_LIST_ITEMS]]))
                 note = f" ({notes[risk.note]})" if risk.note in notes else ""
                 lines.append(f"- {safe_text(label)}: {ev}{note}")
             parts.append(f"**{h['risk_factors']}**\n\n" + "\n".join(lines))
@@ -569,9 +579,10 @@ def build_service_request(*, loinc: str, display: str, text: str, facts: Patient
     if encounter_id:
         resource["encounter"] = {"reference": f"Encounter/{encounter_id}"}
     user_id = getattr(context, "user_id", "") or ""
-    if user_id.partition("/")[0] in ("Practitioner", "PractitionerRole") and user_id.partition("/")[2]:
+    user_type, _, user_rest = user_id.partition("/")
+    if user_type in ("Practitioner", "PractitionerRole") and user_rest:
         resource["requester"] = {"reference": user_id}
-    refs = list(dict.fromkeys(e.reference for e in facts.neck_pain if e.reference))
+    refs = [ref for ref in dict.fromkeys(e.reference for e in facts.neck_pain) if ref]
     if refs:
         resource["reasonReference"] = [{"reference": ref} for ref in refs]
     else:
@@ -615,7 +626,9 @@ def _check_card(summary: str, detail: str, indicator: str) -> None:
     """The rules of `protocol.Card` for the members that vary per request (the shared ones are
     checked against the model at start-up): no blank text, a summary of at most 139 characters,
     a known indicator.  A card that breaks them is an error, never an answer."""
-    if not summary.strip() or len(summary) > MAX_SUMMARY or not detail.strip() or indicator not in INDICATORS:
+    # (`not text or text.isspace()` is `not text.strip()` without copying the text)
+    if (not summary or summary.isspace() or len(summary) > MAX_SUMMARY or not detail or detail.isspace()
+            or indicator not in INDICATORS):
         raise ValueError(f"card breaks the CDS Hooks card rules (summary {len(summary)} characters, "
                          f"indicator {indicator!r})")
 
@@ -658,8 +671,8 @@ def _day(on: date | None) -> str:
 
 
 def _evidence(e: Evidence) -> str:
-    when = f" ({e.on.isoformat()})" if e.on else ""
-    return f"{safe_text(e.label)}{when}"
+    on = e.on
+    return f"{safe_text(e.label)} ({on.isoformat()})" if on else safe_text(e.label)
 
 
 def _bullets(items: tuple[Evidence, ...]) -> str:

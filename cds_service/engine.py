@@ -106,6 +106,6 @@ class ClinicalEngine:
         card = (self._cards.build(decision, facts, request.context)
                 if verdict is None or verdict.shown else None)
         cards = [card] if card is not None else []
-        kinds = {c.uuid: decision.kind for c in cards if decision.kind}
+        kinds = {card.uuid: decision.kind} if card is not None and decision.kind else {}
         return Evaluation(decision=decision, cards=cards, card_kinds=kinds,
                           skipped_resources=facts.skipped_resources, facts=facts, policy=verdict)

@@ -77,6 +77,7 @@ SUSPECTED_VERIFICATION = frozenset({"provisional", "differential", "unconfirmed"
 CONDITION_CATEGORY = "http://terminology.hl7.org/CodeSystem/condition-category"
 ABATEMENT_KEYS = ("abatementDateTime", "abatementAge", "abatementPeriod", "abatementRange",
                   "abatementString", "abatementBoolean")
+_ABATEMENT_KEY_SET = frozenset(ABATEMENT_KEYS)
 DURATION_UNKNOWN = "duration-unknown"
 """RiskFactor.note: an acid suppressant counted although no start date was recorded."""
 
@@ -483,12 +484,18 @@ def _match_medication(knowledge: Knowledge, resource: dict[str, Any],
     product matches every value set one of its ingredients is in."""
     concept = resource.get("medicationCodeableConcept")
     if resource.get("medicationReference") is None:
-        # The common case, a medication given inline and coded: what the loops below find, read
-        # directly (no reference means no other concept, and a known code decides).
+        # The common case, a medication given inline: what the loops below find, read directly
+        # (no reference means no other concept and no reference display).
         found = {name: match for name, match in _match_concept(knowledge, concept).items()
                  if name in MEDICATION_SETS}
-        if found:
+        if found or not isinstance(concept, dict):
             return found
+        for text in dict.fromkeys(_concept_texts(concept)):
+            if text:
+                for name in knowledge.match_text(text):
+                    if name in MEDICATION_SETS:
+                        found.setdefault(name, Match(text))
+        return found
     concepts: list[Any] = [concept]
     texts: list[str | None] = [_s(_d(resource.get("medicationReference")).get("display"))]
     medication = _referenced_medication(resource, medications)
@@ -671,6 +678,8 @@ def _result_date(result: LabResult) -> date:
 def _abated(res: dict[str, Any], today: date) -> bool:
     """A Condition with any abatement[x] (dateTime, age, period, range, string) is not active.
     Only an abatement date still in the future leaves it active."""
+    if res.keys().isdisjoint(_ABATEMENT_KEY_SET):  # the common case, tested in one call
+        return False
     for key in ABATEMENT_KEYS:
         value = res.get(key)
         if value is None or value is False:

@@ -114,7 +114,8 @@ def read_value(element: Any) -> ReadValue | None:
         if isinstance(raw, bool) or not isinstance(raw, (int, float)):
             return None
         text = str(raw) if isinstance(raw, int) else repr(float(raw))
-        number = parse_number(text)
+        # (`parse_number` of a JSON integer's text is its Decimal: no spaces, comma or infinity)
+        number = Decimal(text) if type(raw) is int else parse_number(text)
         if number is None:
             return None
         comparator = qty.get("comparator")

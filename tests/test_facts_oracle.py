@@ -59,9 +59,13 @@ def perturbed(draw: Any, resource: Any) -> Any:
     if type(resource) is not dict:
         return resource
     res = copy.deepcopy(resource)
-    for _ in range(draw(st.integers(0, 4))):
-        what = draw(st.integers(0, 9))
-        if what <= 2:
+    for _ in range(draw(st.integers(0, 5))):
+        what = draw(st.integers(0, 10))
+        if what == 10:
+            res[draw(st.sampled_from(facts.ABATEMENT_KEYS))] = draw(st.one_of(
+                st.sampled_from([*DATES[:12], True, False, None, "resolved", 5, {}]),
+                st.fixed_dictionaries({}, optional={"start": st.sampled_from(DATES), "end": st.sampled_from(DATES)})))
+        elif what <= 2:
             res[draw(st.sampled_from(DATE_KEYS))] = draw(st.sampled_from(DATES))
         elif what == 3:
             res[draw(st.sampled_from(PERIOD_KEYS))] = draw(st.one_of(
@@ -129,6 +133,16 @@ def _extras() -> list[dict[str, Any]]:
          "subject": sub, "medicationCodeableConcept": cc(rxnorm, "309594")},
         {"resourceType": "Observation", "id": "x-absent", "status": "final", "subject": sub,
          "code": cc(snomed, "91019004"), "valueCodeableConcept": cc(snomed, "373067005")},
+        {"resourceType": "MedicationStatement", "id": "x-named", "status": "active", "subject": sub,
+         "medicationCodeableConcept": {"coding": [{"system": ehr_shapes.LOCAL, "code": "m1",
+                                                   "display": "Glucophage (metformin hydrochloride)"}],
+                                       "text": "metformin 500 mg tablet"}},
+        {"resourceType": "Condition", "id": "x-abated", "subject": sub, "code": cc(snomed, "81680005"),
+         "clinicalStatus": {"coding": [{"system": ehr_shapes.CLINICAL, "code": "active"}]},
+         "abatementString": "after physiotherapy", "onsetDateTime": "2024-01-01"},
+        {"resourceType": "Condition", "id": "x-encounter", "subject": sub, "code": cc(snomed, "81680005"),
+         "category": [{"coding": [{"system": facts.CONDITION_CATEGORY, "code": "encounter-diagnosis"}]}],
+         "recordedDate": "2025-06-01"},
     ]
 
 
@@ -139,7 +153,7 @@ EXTRAS = _extras()
 def records(draw: Any) -> tuple[PatientRecord, Any]:
     shaped = draw(ehr_shapes.patients("p1"))
     shaped += draw(st.lists(st.sampled_from(EXTRAS), max_size=4, unique_by=lambda r: r["id"]))
-    resources = [draw(perturbed(r)) if draw(st.integers(0, 2)) == 0 else r for r in shaped]
+    resources = [draw(perturbed(r)) if draw(st.booleans()) else r for r in shaped]
     resources += draw(st.lists(st.one_of(fhir_resource(), junk_resources), max_size=3))
     resources = draw(st.permutations(resources))
     drafts = draw(st.lists(st.one_of(

@@ -156,6 +156,21 @@ def test_concept_memo_is_bounded(knowledge: Knowledge, monkeypatch) -> None:
     assert all(key[0] != long_text["text"] for key in knowledge.concept_memo)
 
 
+# --- lab values ----------------------------------------------------------------------------
+
+def test_an_integer_value_reads_as_its_text_would() -> None:
+    from cds_service.lab_values import parse_number, read_value
+
+    rng = random.Random(11)
+    values = [0, 1, -1, 245, 10 ** 18, -(10 ** 30), 2 ** 64, 10 ** 4000]
+    values += [rng.randint(-10 ** rng.randint(1, 40), 10 ** rng.randint(1, 40)) for _ in range(2000)]
+    for value in values:
+        read = read_value({"valueQuantity": {"value": value, "unit": "pg/mL"}})
+        expected = parse_number(str(value))
+        assert read is not None and read.text == str(value)
+        assert read.number == expected and read.number.as_tuple() == expected.as_tuple()
+
+
 # --- units and uuids ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("unit,expected", [("pg/mL", "pg/ml"), (" µmol / L ", "umol/l"), ("mcmol/L", "umol/l"),
