@@ -226,17 +226,15 @@ class CardBuilder:
         suggestion = None
         if decision.kind in ("b12-test", "mma-test"):
             suggestion = self._suggestion(decision, spec, facts, context, suggestion_uuid)
-        card = self._assemble(
-            summary=self._summary(decision, spec, facts, labels),
-            detail=self._detail(decision, spec, facts, labels),
-            indicator=decision.indicator or "info",
-            suggestion=suggestion,
-            reasons=self._offered_reasons(decision.kind, facts), uuid=card_uuid)
+        card = self._assemble(  # (summary, detail, indicator, suggestion, reasons, uuid)
+            self._summary(decision, spec, facts, labels), self._detail(decision, spec, facts, labels),
+            decision.indicator or "info", suggestion, self._offered_reasons(decision.kind, facts), card_uuid)
         return RenderedCard(card, (suggestion_uuid,) if suggestion else ())
 
-    def _assemble(self, *, summary: str, detail: str, indicator: str, suggestion: dict[str, Any] | None,
+    def _assemble(self, summary: str, detail: str, indicator: str, suggestion: dict[str, Any] | None,
                   reasons: list[dict[str, Any]], uuid: str) -> dict[str, Any]:
-        """The card's JSON, members in `protocol.Card` order (what its model_dump gives)."""
+        """The card's JSON, members in `protocol.Card` order (what its model_dump gives).
+        (Positional parameters: the hot path passes them by position, keywords cost more.)"""
         _check_card(summary, detail, indicator)
         card: dict[str, Any] = {"uuid": uuid, "summary": summary, "detail": detail,
                                 "indicator": indicator, "source": self._source}
@@ -518,9 +516,8 @@ class CardBuilder:
         texts = self._texts_for(test, spec)
         if not isinstance(texts, _SuggestionTexts):
             return None
-        resource = build_service_request(
-            loinc=texts.loinc, display=texts.display, text=texts.code_text, facts=facts, context=context,
-            intent=self.settings.order_intent, verdicts=self.verdicts)
+        resource = _service_request(texts.loinc, texts.display, texts.code_text, facts, context,
+                                    self.settings.order_intent, self.verdicts)
         if resource is None:
             return None
         return self._suggestion_json(texts, decision.recommended, resource, uuid)
@@ -565,6 +562,12 @@ def build_service_request(*, loinc: str, display: str, text: str, facts: Patient
                           intent: str, verdicts: ValidationVerdicts | None = None) -> dict[str, Any] | None:
     """A draft ServiceRequest for a lab test, validated with fhir.resources R4B (None if invalid,
     e.g. a misconfigured intent: the card is then shown without a suggestion)."""
+    return _service_request(loinc, display, text, facts, context, intent, verdicts)
+
+
+def _service_request(loinc: str, display: str, text: str, facts: PatientFacts, context: Any, intent: str,
+                     verdicts: ValidationVerdicts | None) -> dict[str, Any] | None:
+    """`build_service_request` with positional parameters (the card builder's call)."""
     if intent not in REQUEST_INTENTS:
         log.warning("invalid ServiceRequest intent", extra={"event": "invalid_suggestion"})
         return None

@@ -107,5 +107,6 @@ class ClinicalEngine:
                 if verdict is None or verdict.shown else None)
         cards = [card] if card is not None else []
         kinds = {card.uuid: decision.kind} if card is not None and decision.kind else {}
-        return Evaluation(decision=decision, cards=cards, card_kinds=kinds,
-                          skipped_resources=facts.skipped_resources, facts=facts, policy=verdict)
+        # (decision, cards, card_kinds, skipped_resources, facts, policy): positional, as
+        # keyword arguments cost a few tenths of a microsecond more per call
+        return Evaluation(decision, cards, kinds, facts.skipped_resources, facts, verdict)

@@ -635,32 +635,33 @@ def derive_facts(record: PatientRecord, context: Any, knowledge: Knowledge, sett
 
     patient_id = _s(getattr(context, "patient_id", None)) or (_s(patient.get("id")) if patient else None) or ""
     # (Every list in `found` has at least one entry, so "in found" is "recorded at all".)
+    # Positional, in field order: 24 keyword arguments cost a hook call about 1.5 us more.
     return PatientFacts(
-        patient_id=patient_id,
-        today=today,
-        age_years=age,
-        neck_pain=get("neck-pain", ()),
-        chronic=chronic,
-        neck_pain_onset=onset,
-        neuropathic=get("neuropathic-features", ()),
-        mechanical=get("mechanical-causes", ()),
-        compressive=get("compressive-causes", ()),
-        red_flags=get("red-flags", ()),
-        risk_factors=tuple(risks),
-        already_handled=get("b12-deficiency", ()) + get("b12-replacement", ()),
-        neurological_red_flags=get("neurological-red-flags", ()),
-        peripheral_neuropathy=get("peripheral-neuropathy", ()),
-        suspected_deficiency=get("b12-deficiency-suspected", ()) + get("b12-low-finding", ()),
-        b12_results=_newest_first(b12) if b12 else (),
-        mma_results=_newest_first(mma) if mma else (),
-        pending_orders=get("pending-order", ()),
-        active_b12_results=_newest_first(active_b12) if active_b12 else (),
-        pending_results=_newest_first(pending) if pending else (),
-        pregnancy=current_pregnancy(found["pregnancy"], get("pregnancy-ended", ()), today,
-                                    settings.pregnancy_days) if "pregnancy" in found else (),
-        unavailable=frozenset(record.unavailable),
-        skipped_resources=validator.skipped,
-        skipped_references=tuple(validator.skipped_refs) if validator.skipped_refs else (),
+        patient_id,                                                        # patient_id
+        today,                                                             # today
+        age,                                                               # age_years
+        get("neck-pain", ()),                                              # neck_pain
+        chronic,                                                           # chronic
+        onset,                                                             # neck_pain_onset
+        get("neuropathic-features", ()),                                   # neuropathic
+        get("mechanical-causes", ()),                                      # mechanical
+        get("compressive-causes", ()),                                     # compressive
+        get("red-flags", ()),                                              # red_flags
+        tuple(risks),                                                      # risk_factors
+        get("b12-deficiency", ()) + get("b12-replacement", ()),            # already_handled
+        _newest_first(b12) if b12 else (),                                 # b12_results
+        _newest_first(mma) if mma else (),                                 # mma_results
+        get("pending-order", ()),                                          # pending_orders
+        _newest_first(active_b12) if active_b12 else (),                   # active_b12_results
+        _newest_first(pending) if pending else (),                         # pending_results
+        current_pregnancy(found["pregnancy"], get("pregnancy-ended", ()), today,
+                          settings.pregnancy_days) if "pregnancy" in found else (),  # pregnancy
+        frozenset(record.unavailable),                                     # unavailable
+        validator.skipped,                                                 # skipped_resources
+        tuple(validator.skipped_refs) if validator.skipped_refs else (),   # skipped_references
+        get("neurological-red-flags", ()),                                 # neurological_red_flags
+        get("peripheral-neuropathy", ()),                                  # peripheral_neuropathy
+        get("b12-deficiency-suspected", ()) + get("b12-low-finding", ()),  # suspected_deficiency
     )
 
 
@@ -936,14 +937,20 @@ def _lab_result(res: dict[str, Any], element: dict[str, Any], sets: Iterable[str
             implausible = True
             log.warning("implausible laboratory value not interpreted",
                         extra={"event": "implausible_lab_value", "detail": analyte})
-    return LabResult(
-        resource_id=_s(res.get("id")), loinc=loinc, on=on,
-        value=float(read.number) if read else None, unit=unit,
-        comparator=read.comparator if read else None,
-        value_ng_l=canonical if analyte == "b12" and not pending else None,
-        analyte=analyte, canonical=None if pending else canonical,
-        canonical_unit=units.canonical if units else None,
-        value_text=read.text if read else None, implausible=implausible, pending=pending)
+    return LabResult(  # positional, in field order (keywords cost more, see derive_facts)
+        _s(res.get("id")),                                     # resource_id
+        loinc,                                                 # loinc
+        on,                                                    # on
+        float(read.number) if read else None,                  # value
+        unit,                                                  # unit
+        read.comparator if read else None,                     # comparator
+        canonical if analyte == "b12" and not pending else None,  # value_ng_l
+        analyte,                                               # analyte
+        None if pending else canonical,                        # canonical
+        units.canonical if units else None,                    # canonical_unit
+        read.text if read else None,                           # value_text
+        implausible,                                           # implausible
+        pending)                                               # pending
 
 
 def _medications(resources: Iterable[Any], rtype: str, knowledge: Knowledge, validator: _Validator,

@@ -88,6 +88,24 @@ def test_engine_records_keep_their_dataclass_behaviour() -> None:
     assert [f.name for f in dataclasses.fields(facts)] == list(vars(facts))
 
 
+def test_records_built_positionally_keep_their_field_order() -> None:
+    """derive_facts, _lab_result and ClinicalEngine.evaluate pass these fields by position."""
+    from cds_service.engine import Evaluation
+    from cds_service.facts import LabResult
+
+    assert [f.name for f in dataclasses.fields(PatientFacts)] == [
+        "patient_id", "today", "age_years", "neck_pain", "chronic", "neck_pain_onset", "neuropathic",
+        "mechanical", "compressive", "red_flags", "risk_factors", "already_handled", "b12_results",
+        "mma_results", "pending_orders", "active_b12_results", "pending_results", "pregnancy", "unavailable",
+        "skipped_resources", "skipped_references", "neurological_red_flags", "peripheral_neuropathy",
+        "suspected_deficiency"]
+    assert [f.name for f in dataclasses.fields(LabResult)] == [
+        "resource_id", "loinc", "on", "value", "unit", "comparator", "value_ng_l", "analyte", "canonical",
+        "canonical_unit", "value_text", "implausible", "pending"]
+    assert [f.name for f in dataclasses.fields(Evaluation)] == [
+        "decision", "cards", "card_kinds", "skipped_resources", "facts", "policy"]
+
+
 # --- parse_date ----------------------------------------------------------------------------------
 
 def test_parse_date_fast_path_reads_as_the_regex() -> None:
