@@ -12,11 +12,16 @@ Process and thread safety (gunicorn pre-fork workers, threaded workers):
 * every write is one transaction; SQLite writers take the write lock up front
   (`BEGIN IMMEDIATE`) and wait up to `BUSY_TIMEOUT_MS` for it; `synchronous=FULL` makes an
   acknowledged write survive SIGKILL or power loss;
-* the two writes made on every hook call (the issued cards, the JWT replay cache) are each one
-  autocommit statement (no BEGIN/COMMIT round trips) that commits without waiting for the disk:
-  SQLite WAL with `synchronous=NORMAL` (a committed WAL frame is in the OS page cache, so it
-  survives the death of the process, not a power loss), PostgreSQL `synchronous_commit=off`
-  (the connection's default; every durable transaction sets it back on for itself).
+* the two writes made on every hook call (the issued cards, the JWT replay cache) do not wait
+  for the disk.  The JWT replay cache is one autocommit statement: SQLite WAL with
+  `synchronous=NORMAL` (a committed WAL frame is in the OS page cache, so it survives the death
+  of the process, not a power loss), PostgreSQL `synchronous_commit=off` (the connection's
+  default; every durable transaction sets it back on for itself).  The issued cards: with
+  PostgreSQL one INSERT, committed the same way; with SQLite one line appended to the process's
+  journal (`_IssuedJournal`: in the OS page cache once `write(2)` returns, so it survives the
+  death of the process, not a power loss, as a WAL frame), folded into `issued_cards` in
+  batches by a thread; feedback, the reports and the encounter lockout read the journals too,
+  so they see every card whose hook call has answered, in any worker, at once.
 
 The alert policy's suppression lookups are remembered per process (SQLite only): a counter shared
 by every process of the database (`_SuppressionGeneration`, a memory-mapped file next to it) moves
@@ -70,6 +75,18 @@ copy of each page once, so fewer, larger checkpoints copy fewer pages and sync l
 call (about 6 µs less CPU per issued-card write on average, measured on ext4), for a WAL of
 up to 16 MB."""
 JTI_PURGE_INTERVAL_SECONDS = 60.0
+JOURNAL_DIRNAME = "issued-journal"
+"""Next to the SQLite file: the issued-card journals of the processes (`_IssuedJournal`)."""
+JOURNAL_SUFFIX = ".journal"
+JOURNAL_FOLD_INTERVAL_SECONDS = 0.2
+"""How often a process folds what it journaled into SQLite (one transaction for them all)."""
+JOURNAL_IDLE_FOLDS = 25
+"""Folds with nothing to fold after which a process's fold thread ends (the next record starts
+it again): a store nobody writes to keeps no thread."""
+JOURNAL_RECOVERY_INTERVAL_SECONDS = 5.0
+"""How often a fold thread also folds the journals no process is writing (a killed worker's)."""
+_JOURNAL_FORMAT = 1
+"""First element of every journal line: the layout of the rows after it (`_ISSUED_COLUMNS`)."""
 SCHEMA_VERSION = 4
 
 # Migrations: version -> statements.  `{id}` is the auto-increment primary key column type of the
@@ -371,6 +388,8 @@ class Store:
         self._next_purge = 0.0
         self._generation: _SuppressionGeneration | None = None  # SQLite: opened on first use
         self._generation_lock = threading.Lock()
+        self._journal: _IssuedJournal | None = None  # SQLite: this process's, opened on first use
+        self._journal_reader: _JournalReader | None = None  # SQLite: the lockout's, on first use
         self._policy_cache: dict[tuple[str, str], tuple[int, SuppressionRecord | None]] = {}
         """(patient hash, kind) -> (generation, its suppression whatever its `until`)."""
 
@@ -396,12 +415,22 @@ class Store:
             os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
             store = cls("sqlite", sqlite_path=path, patient_hash_key=key)
         store._migrate()
+        if store.dialect == "sqlite":  # what a process that is gone had journaled
+            fold_journal_files(store._journal_dir(), journal_files(store._journal_dir()),
+                               store._insert_rows, finished_only=True)
         store.close()  # nothing stays open across a fork; workers reconnect lazily
         return store
 
     def close(self) -> None:
-        """Close the connections this process opened (every thread's)."""
+        """Close the connections this process opened (every thread's), after folding what it
+        journaled (a later use opens everything again)."""
         pid = _process.pid
+        journal, self._journal = self._journal, None
+        if journal is not None and journal.pid == pid:
+            journal.close()
+        reader, self._journal_reader = self._journal_reader, None
+        if reader is not None and reader.pid == pid:
+            reader.close()
         with self._conns_lock:
             conns, self._all_conns = self._all_conns, []
         for owner, conn in conns:
@@ -623,9 +652,11 @@ class Store:
         """Remember the cards the rules chose in one hook call, shown or withheld (one
         statement, so one atomic commit; re-recording is a no-op).
 
-        Committed before returning, without waiting for the disk (see the module docstring):
-        once this returns, feedback sent to any worker finds the cards, even if this process is
-        killed the next instant."""
+        Durable against the death of this process before returning, without waiting for the
+        disk (see the module docstring): once this returns, feedback sent to any worker finds the
+        cards, even if this process is killed the next instant.  SQLite: a hook call's cards
+        are one line appended to this process's journal (`_IssuedJournal`), folded into the
+        database in batches; PostgreSQL (replicas on several hosts): one INSERT."""
         if not cards:
             return
         patient = self.patient_hash(patient_id)
@@ -635,12 +666,77 @@ class Store:
                  encounter, card.situation, card.withheld_by,
                  orjson.dumps(list(dict.fromkeys(card.suggestion_uuids))).decode())
                 for card in cards]
+        if self.dialect == "sqlite" and len(rows) <= _MAX_NULL_LITERAL_ROWS:  # a hook call
+            try:
+                self._issued_journal().append(rows)
+                return
+            except OSError as err:  # (disk full) the INSERT says whether the database can do it
+                log.warning("issued-card journal not writable; writing to the database",
+                            extra={"event": "journal_write_failed", "error_type": type(err).__name__})
         if len(rows) <= _MAX_ROWS_PER_INSERT:  # a hook call: a few cards
             self._write(*_issued_insert(rows), retry=True)
             return
         with self._transaction(durable=False) as cur:  # bulk (seeding, tests): still atomic
             for start in range(0, len(rows), _MAX_ROWS_PER_INSERT):
                 cur.execute(*_issued_insert(rows[start:start + _MAX_ROWS_PER_INSERT]))
+
+    def _journal_dir(self) -> Path:
+        assert self._sqlite_path is not None
+        return self._sqlite_path.with_name(JOURNAL_DIRNAME)
+
+    def _issued_journal(self) -> _IssuedJournal:
+        """This process's issued-card journal (SQLite), opened on first use."""
+        journal = self._journal
+        if journal is None or journal.pid != _process.pid:
+            with self._generation_lock:
+                if self._journal is None or self._journal.pid != _process.pid:
+                    self._journal = _IssuedJournal(self._journal_dir(),
+                                                   lambda rows: self._insert_rows(rows),
+                                                   self._close_thread_connection)
+                journal = self._journal
+        return journal
+
+    def _close_thread_connection(self) -> None:
+        """Close this thread's connection (a thread that ends: the journal's fold thread)."""
+        local = self._local
+        conn = local.conn
+        if conn is None or local.pid != _process.pid:
+            return
+        local.conn = local.cursor = local.sync = None
+        with self._conns_lock:
+            self._all_conns = [(o, c) for o, c in self._all_conns if c is not conn]
+        conn.close()
+
+    def _insert_rows(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Insert issued-card rows (journal lines being folded) in one transaction: one
+        single-row statement run for each row (prepared once, whatever the batch's size)."""
+        with self._transaction(durable=False) as cur:
+            cur.executemany(_insert_issued_sql((0,)), rows)
+
+    def fold_journals(self) -> None:
+        """Fold every process's issued-card journal into the database (SQLite; PostgreSQL has
+        none): afterwards `issued_cards` holds every card recorded before this call began.
+        Feedback and the reports call it before they read; so may tools and tests."""
+        if self.dialect == "sqlite":
+            journal = self._journal
+            if journal is not None and journal.pid == _process.pid:
+                journal.rotate_and_fold()  # this process's lines: folded and their file removed
+            directory = self._journal_dir()
+            fold_journal_files(directory, journal_files(directory), self._insert_rows)
+
+    def _journal_lockout_rows(self, encounter: str, kind: str, since: str,
+                              patient: str) -> list[tuple[Any, ...]]:
+        """(issued_at, situation, service_id) of the journaled cards of `kind` shown in this
+        encounter since `since` (folded or not): what the lockout read adds to the database's,
+        read before it (see `_IssuedJournal`)."""
+        reader = self._journal_reader
+        if reader is None or reader.pid != _process.pid:
+            with self._generation_lock:
+                if self._journal_reader is None or self._journal_reader.pid != _process.pid:
+                    self._journal_reader = _JournalReader(self._journal_dir())
+                reader = self._journal_reader
+        return [(r[5], r[8], r[1]) for r in reader.rows_of_encounter(encounter)
+                if r[2] == kind and r[6] == "shown" and r[5] >= since and r[4] == patient]
 
     # ---------------------------------------------------------------------------------------
     # Alert policy: suppressions and the encounter lockout
@@ -665,12 +761,15 @@ class Store:
                             patient)
         key = (patient, kind)
         generation = -1  # PostgreSQL (replicas on other hosts): nothing is cached
+        journaled: list[tuple[Any, ...]] = []
         if self.dialect == "sqlite":
+            if lockout_args:  # the journals first, then the database (see `_IssuedJournal`)
+                journaled = self._journal_lockout_rows(*lockout_args)
             generation = self._suppression_generation().read()
             cached = self._policy_cache.get(key)
             if cached is not None and cached[0] == generation:
                 suppression = cached[1]
-                lockout = (_latest_lockout(self._query(_LOCKOUT_READ, lockout_args))
+                lockout = (_latest_lockout(self._query(_LOCKOUT_READ, lockout_args) + journaled)
                            if lockout_args else None)
                 return _live(suppression, lockout, now)
         suppression = lockout = None
@@ -678,7 +777,8 @@ class Store:
             rows = self._query(_POLICY_READ_WITH_LOCKOUT, (patient, kind, *lockout_args))
             suppression = next((SuppressionRecord(*r[1:]) for r in rows if r[0] == "suppression"),
                                None)
-            lockout = _latest_lockout([(r[5], r[7], r[8]) for r in rows if r[0] == "lockout"])
+            lockout = _latest_lockout([(r[5], r[7], r[8]) for r in rows if r[0] == "lockout"]
+                                      + journaled)
         else:
             rows = self._query(_SUPPRESSION_READ, key)
             suppression = SuppressionRecord(*rows[0]) if rows else None
@@ -776,6 +876,7 @@ class Store:
         or from arrival if that is earlier), in the same transaction; a later feedback replaces
         an earlier one's suppression.
         """
+        self.fold_journals()  # every card issued before this call is then in `issued_cards`
         received = utc_now_text()
         stored = duplicates = 0
         unknown: list[int] = []
@@ -872,6 +973,7 @@ class Store:
         has their totals.  `suppressions` counts the suppressions created by feedback given since `since` (`created`)
         and those still running now (`active`), per kind, outcome and reason.
         """
+        self.fold_journals()  # count every card issued before this call
         since_text = since.isoformat() if since else ""
         now_text = utc_now_text()
         with self._transaction(write=False) as cur:
@@ -957,7 +1059,7 @@ class Store:
             "kinds": [kinds[k] for k in sorted(kinds)],
             "totals": totals,
             "unknown_card_feedback": {"entries": int(unknown_entries), "cards": int(unknown_cards)},
-            "issued_per_day": self.issued_per_day(since),
+            "issued_per_day": self._issued_per_day(since),
             "withheld": {name: sum(k[name] for k in kinds.values())
                          for name in WITHHELD_FIELDS.values()},
             "suppressions": {"created": sum(r["created"] for r in by_reason),
@@ -968,6 +1070,10 @@ class Store:
     def issued_per_day(self, since: date | None = None) -> list[dict[str, Any]]:
         """Cards issued (shown) per UTC day and kind (`[{"day": "2026-01-01", "kind": ...,
         "issued": n}]`, by day then kind), for the report's "cards per kind over time" chart."""
+        self.fold_journals()
+        return self._issued_per_day(since)
+
+    def _issued_per_day(self, since: date | None) -> list[dict[str, Any]]:
         with self._transaction(write=False) as cur:
             rows = cur.execute(
                 "SELECT substr(issued_at, 1, 10) AS day, kind, count(*) FROM issued_cards"
@@ -1079,6 +1185,365 @@ class _SuppressionGeneration:
                 fcntl.flock(fd, fcntl.LOCK_UN)
 
 
+class _IssuedJournal:
+    """This process's append-only record of the cards it issued, for one SQLite store: what a
+    hook call writes instead of an INSERT (one `write(2)`, a few microseconds), folded into
+    `issued_cards` in batches by a background thread.
+
+    Why it is as safe as the INSERT it replaces (WAL, `synchronous=NORMAL`): a `write(2)` that
+    returned is in the kernel's page cache, so it survives the death of the process (not a power
+    loss, as before), and every reader that must see every issued card reads the journals too:
+
+    * feedback and the reports fold every journal into SQLite before they read
+      (`Store.fold_journals`), the encounter lockout reads the journals' lines
+      (`_JournalReader`), each *before* its database read;
+    * a line leaves a journal only after the transaction that inserted it committed (the file is
+      removed after the commit), so a reader that read the journals first and the database next
+      sees every line that was in a journal when it started (inserts are idempotent: `ON
+      CONFLICT (card_uuid) DO NOTHING`, so a line folded twice is counted once).
+
+    Files: `<dir>/<pid>-<random>.journal`, written by one process, which holds an exclusive
+    `flock` on the one it is appending to (created under a hidden name, locked, then renamed, so
+    no file is ever visible unlocked before its owner is done with it).  A file whose lock can be
+    taken is finished (rotated out, or its writer died): whoever takes the lock may fold it and
+    remove it.  A line is `[format, row, ...]` (JSON) and a newline; bytes after the last newline
+    are a write that never completed (its call never answered) and are ignored.  A finished file
+    with a line that cannot be read is kept, renamed `.unreadable`, never removed.
+    """
+
+    def __init__(self, directory: Path, insert: Callable[[list[tuple[Any, ...]]], None],
+                 thread_done: Callable[[], None]) -> None:
+        """`insert`: the rows of journal lines, in one transaction; `thread_done`: called by the
+        fold thread as it ends (it closes the thread's database connection)."""
+        self.dir = directory
+        self._insert = insert
+        self._thread_done = thread_done
+        self._lock = threading.Lock()
+        """Serialises appends, rotation and the fold thread's start and end."""
+        self._fd: int | None = None
+        self._path: Path | None = None
+        self._pending = False
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._wake = threading.Event()
+        self.pid = _process.pid
+        _JOURNALS.add(self)
+
+    # --- the writing process -------------------------------------------------------------
+
+    def append(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        """Journal `rows` (one line): durable against the death of this process on return.
+
+        Raises OSError when the line could not be written whole; the file is then finished at
+        once, so nothing is ever appended after a partial line."""
+        line = orjson.dumps([_JOURNAL_FORMAT, *rows]) + b"\n"
+        with self._lock:
+            if self._fd is None:
+                self._open_new()
+            assert self._fd is not None
+            try:
+                written = os.write(self._fd, line)
+            except OSError:
+                self._finish_current()
+                raise
+            if written != len(line):
+                self._finish_current()
+                raise OSError(f"short write to the issued-card journal ({written} of {len(line)})")
+            self._pending = True
+            if self._thread is None and not self._stopping:
+                self._thread = threading.Thread(target=self._run, name="issued-card-journal",
+                                                daemon=True)
+                self._thread.start()
+
+    def _open_new(self) -> None:
+        """Start a new file, locked before it gets its journal name (lock held)."""
+        self.dir.mkdir(mode=0o700, exist_ok=True)
+        name = f"{self.pid}-{secrets.token_hex(8)}"
+        hidden = self.dir / f".{name}.new"
+        fd = os.open(hidden, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            path = self.dir / (name + JOURNAL_SUFFIX)
+            os.rename(hidden, path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self._fd, self._path = fd, path
+
+    def _finish_current(self) -> Path | None:
+        """Stop appending to the current file and release its lock (lock held); its path."""
+        fd, path = self._fd, self._path
+        self._fd = self._path = None
+        self._pending = False
+        if fd is not None:
+            os.close(fd)
+        return path
+
+    def rotate_and_fold(self) -> bool:
+        """Finish the current file if it holds anything, then fold it; False if nothing was
+        pending."""
+        with self._lock:
+            if not self._pending:
+                return False
+            path = self._finish_current()
+        if path is not None:
+            fold_journal_files(self.dir, [path], self._insert)
+        return True
+
+    def _run(self) -> None:
+        try:
+            self._fold_until_idle()
+        finally:
+            self._thread_done()
+
+    def _fold_until_idle(self) -> None:
+        idle = 0
+        next_recovery = time.monotonic() + JOURNAL_RECOVERY_INTERVAL_SECONDS
+        while True:
+            self._wake.wait(JOURNAL_FOLD_INTERVAL_SECONDS)
+            try:
+                idle = 0 if self.rotate_and_fold() else idle + 1
+                if time.monotonic() >= next_recovery:
+                    next_recovery = time.monotonic() + JOURNAL_RECOVERY_INTERVAL_SECONDS
+                    fold_journal_files(self.dir, journal_files(self.dir), self._insert,
+                                       finished_only=True)
+            except Exception:  # noqa: BLE001 - the lines stay in their file; retried next time
+                log.exception("folding the issued-card journal failed; retrying",
+                              extra={"event": "journal_fold_failed"})
+            with self._lock:
+                if self._stopping or (idle >= JOURNAL_IDLE_FOLDS and not self._pending):
+                    self._thread = None
+                    return
+
+    def close(self) -> None:
+        """Stop the fold thread and fold what is pending (the process is done with the store)."""
+        with self._lock:
+            self._stopping = True
+            thread = self._thread
+        self._wake.set()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=30)
+        self.rotate_and_fold()
+
+    def forked(self) -> None:
+        """In a child: this object is the parent's; close the child's copy of the parent's
+        descriptor (sharing its lock), never writing through it."""
+        fd, self._fd, self._path = self._fd, None, None
+        if fd is not None:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+class _JournalReader:
+    """What the encounter lockout has read of every journal, per store and process: each file
+    stays open and is read on from where the last lockout read stopped, its rows indexed by
+    encounter hash, until the file leaves the directory (folded: its rows are then in the
+    database).  A lockout read costs a directory listing and one `pread` per journal, not a
+    read and parse of every pending line."""
+
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.pid = _process.pid
+        self._lock = threading.Lock()
+        self._files: dict[str, _ReadJournal] = {}
+        _JOURNALS.add(self)
+
+    def rows_of_encounter(self, encounter: str) -> list[tuple[Any, ...]]:
+        """The journaled rows of this encounter, from every journal in the directory now."""
+        try:
+            names = {n for n in os.listdir(self.dir) if n.endswith(JOURNAL_SUFFIX)}
+        except FileNotFoundError:
+            names = set()
+        found: list[tuple[Any, ...]] = []
+        with self._lock:
+            for name in [n for n in self._files if n not in names]:  # folded and removed
+                self._files.pop(name).close()
+            for name in names:
+                journal = self._files.get(name)
+                if journal is None:
+                    try:
+                        journal = self._files[name] = _ReadJournal(self.dir / name)
+                    except FileNotFoundError:  # folded (committed) and removed meanwhile
+                        continue
+                journal.read_on()
+                found.extend(journal.by_encounter.get(encounter, ()))
+        return found
+
+    def close(self) -> None:
+        with self._lock:
+            files, self._files = self._files, {}
+        for journal in files.values():
+            journal.close()
+
+    def forked(self) -> None:
+        """In a child: the descriptors are the parent's copies; drop them (no lock involved)."""
+        files, self._files = self._files, {}
+        for journal in files.values():
+            journal.close()
+
+
+class _ReadJournal:
+    """One journal as read so far by a `_JournalReader`."""
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        self._offset = 0
+        self.by_encounter: dict[str, list[tuple[Any, ...]]] = {}
+
+    def read_on(self) -> None:
+        """Index the complete lines written since the last read (a partial last line is read
+        again next time, whole)."""
+        data = b""
+        while True:
+            chunk = os.pread(self._fd, 1 << 20, self._offset + len(data))
+            if not chunk:
+                break
+            data += chunk
+        end = data.rfind(b"\n")
+        if end < 0:
+            return
+        self._offset += end + 1
+        rows, _ = read_journal(data[:end + 1])
+        for row in rows:
+            if row[7] is not None:
+                self.by_encounter.setdefault(row[7], []).append(row)
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+class _JournalSet:
+    """Every live `_IssuedJournal` of this process (weakly), for the fork hook."""
+
+    def __init__(self) -> None:
+        import weakref
+
+        self._items: "weakref.WeakSet[_IssuedJournal | _JournalReader]" = weakref.WeakSet()
+
+    def add(self, journal: "_IssuedJournal | _JournalReader") -> None:
+        self._items.add(journal)
+
+    def forked(self) -> None:
+        for journal in list(self._items):
+            if journal.pid != _process.pid:
+                journal.forked()
+
+
+_JOURNALS = _JournalSet()
+
+
+def journal_files(directory: Path) -> list[Path]:
+    """The journals in `directory` (finished or not), oldest name first."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [directory / n for n in sorted(names) if n.endswith(JOURNAL_SUFFIX)]
+
+
+def read_journal(data: bytes) -> tuple[list[tuple[Any, ...]], int]:
+    """The rows of the complete lines of a journal's bytes, and how many lines were unreadable.
+    Bytes after the last newline are a write still in progress (or one that never completed)."""
+    end = data.rfind(b"\n")
+    rows: list[tuple[Any, ...]] = []
+    bad = 0
+    for line in data[:end].split(b"\n") if end >= 0 else ():
+        try:
+            item = orjson.loads(line)
+            if not (isinstance(item, list) and item and item[0] == _JOURNAL_FORMAT):
+                raise ValueError("unknown journal format")
+            for row in item[1:]:
+                if not (isinstance(row, list) and len(row) == _ISSUED_COLUMN_COUNT):
+                    raise ValueError("not an issued-card row")
+            rows.extend(tuple(row) for row in item[1:])
+        except (ValueError, TypeError):
+            bad += 1
+    return rows, bad
+
+
+def _read_all(fd: int) -> bytes:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+
+
+def fold_journal_files(directory: Path, paths: Sequence[Path],
+                       insert: Callable[[list[tuple[Any, ...]]], None], *,
+                       finished_only: bool = False) -> None:
+    """Insert the rows of the journals `paths` (one transaction), then remove the finished ones
+    (a file whose lock this takes): a line leaves its file only once it is committed.
+    `finished_only`: skip the files a process is still appending to."""
+    opened: list[tuple[int, Path, bool, int]] = []  # fd, path, finished, unreadable lines
+    rows: list[tuple[Any, ...]] = []
+    try:
+        for path in paths:
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except FileNotFoundError:  # folded and removed by another process meanwhile
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                finished = True
+            except BlockingIOError:
+                finished = False
+            if finished_only and not finished:
+                os.close(fd)
+                continue
+            file_rows, bad = read_journal(_read_all(fd))
+            rows.extend(file_rows)
+            opened.append((fd, path, finished, bad))
+        if rows:
+            insert(rows)
+        for fd, path, finished, bad in opened:
+            if not finished:
+                continue
+            if bad:
+                log.error("an issued-card journal has unreadable lines; kept",
+                          extra={"event": "journal_unreadable", "count": bad, "detail": path.name})
+                _rename_quietly(path, path.with_suffix(".unreadable"))
+            else:
+                _unlink_quietly(path)
+    finally:
+        for fd, *_ in opened:
+            os.close(fd)
+    _remove_stale_new_files(directory)
+
+
+def _unlink_quietly(path: Path) -> None:
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        pass
+
+
+def _rename_quietly(path: Path, target: Path) -> None:
+    try:
+        os.rename(path, target)
+    except FileNotFoundError:
+        pass
+
+
+def _remove_stale_new_files(directory: Path, age_seconds: float = 60.0) -> None:
+    """Remove hidden files a process died creating (before it named them; they hold nothing)."""
+    try:
+        names = [n for n in os.listdir(directory) if n.startswith(".") and n.endswith(".new")]
+    except FileNotFoundError:
+        return
+    cutoff = time.time() - age_seconds
+    for name in names:
+        path = directory / name
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+        except FileNotFoundError:
+            pass
+
+
 class _Cursor:
     """Thin cursor wrapper: `?` placeholders on both dialects; `execute` returns itself."""
 
@@ -1088,6 +1553,10 @@ class _Cursor:
 
     def execute(self, sql: str, params: Sequence[Any] = ()) -> "_Cursor":
         self._cursor.execute(sql.replace("?", "%s") if self._pg else sql, params)
+        return self
+
+    def executemany(self, sql: str, rows: Sequence[Sequence[Any]]) -> "_Cursor":
+        self._cursor.executemany(sql.replace("?", "%s") if self._pg else sql, rows)
         return self
 
     def fetchone(self) -> Any:
@@ -1131,6 +1600,7 @@ class _Process:
 
 _process = _Process()
 os.register_at_fork(after_in_child=_process.forked)
+os.register_at_fork(after_in_child=lambda: _JOURNALS.forked())
 
 
 def _is_broken(conn: Any) -> bool:

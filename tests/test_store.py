@@ -77,6 +77,7 @@ class StoreContract:
     def test_issued_cards_store_a_keyed_hash_of_the_patient_never_the_id(self, store):
         store.record_issued_cards(SVC, "hook-1", "patient-secret-42",
                                   [IssuedCard("card-1", "consider-b12-test", ("sg-1",))])
+        store.fold_journals()
         with store._transaction(write=False) as cur:
             rows = cur.execute("SELECT card_uuid, service_id, kind, hook_instance, patient_hash"
                                " FROM issued_cards").fetchall()
@@ -119,6 +120,7 @@ class StoreContract:
                       IssuedCard(f"held-{n}", "kind-a", delivery="silent", withheld_by='{"setting":"silent"}')]
         store.record_issued_cards(SVC, "h", "p", cards, encounter_id="enc-1")
         store.record_issued_cards(SVC, "h2", "p", [IssuedCard("no-encounter", "kind-a")])
+        store.fold_journals()
         with store._transaction(write=False) as cur:
             rows = {r[0]: r[1:] for r in cur.execute(
                 "SELECT card_uuid, kind, delivery, encounter_hash, situation, withheld_by,"
@@ -470,24 +472,36 @@ class TestSqliteStore(StoreContract):
         def level() -> int:
             return conn.execute("PRAGMA synchronous").fetchone()[0]
 
-        store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))])
-        assert level() == 1  # NORMAL
-        store.save_feedback(SVC, [accepted("c1", "s1")])
-        assert level() == 2  # FULL
         assert store.remember_jti("iss", "j1", time.time() + 60) is True
+        assert level() == 1  # NORMAL
+        store.save_feedback(SVC, [overridden("c0", comment="no")])
+        assert level() == 2  # FULL
+        store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1",))])
+        store.fold_journals()  # the journal's lines are inserted with NORMAL
         assert level() == 1
-        store.save_feedback(SVC, [overridden("c1", comment="no")])
+        store.save_feedback(SVC, [accepted("c1", "s1")])
         assert level() == 2
 
-    def test_the_issued_card_write_is_one_statement(self, store):
-        """One INSERT for all the cards of a call (its own transaction: no BEGIN/COMMIT)."""
+    def test_the_issued_card_write_is_one_journal_line_and_no_statement(self, store, tmp_path):
+        """The cards of a call are one line appended to this process's journal (no SQL); the
+        fold inserts every line since the last fold in one transaction."""
         store.record_issued_cards(SVC, "h0", "p1", [IssuedCard("c0", "b12-test", ("s0",))])
+        store.fold_journals()
+        journal_dir = tmp_path / "data" / "issued-journal"
         statements: list[str] = []
         store._connection().set_trace_callback(statements.append)
         store.record_issued_cards(SVC, "h1", "p1", [IssuedCard("c1", "b12-test", ("s1", "s2")),
                                                     IssuedCard("c2", "b12-test", ("s3",))])
+        store.record_issued_cards(SVC, "h2", "p1", [IssuedCard("c3", "b12-test")])
+        assert statements == []
+        lines = b"".join(p.read_bytes() for p in journal_dir.glob("*.journal")).splitlines()
+        assert len(lines) == 2 and b'"c1"' in lines[0] and b'"c2"' in lines[0] and b'"c3"' in lines[1]
+        store.fold_journals()
         store._connection().set_trace_callback(None)
-        assert len(statements) == 1 and statements[0].startswith("INSERT INTO issued_cards")
+        assert statements[0] == "BEGIN IMMEDIATE" and statements[-1] == "COMMIT"
+        inserted = statements[1:-1]  # one statement run per row
+        assert len(inserted) == 3 and all(s.startswith("INSERT INTO issued_cards") for s in inserted)
+        assert store.feedback_report()["totals"]["issued"] == 4
 
     # --- the policy cache (SQLite) ----------------------------------------------------------
 
@@ -574,7 +588,14 @@ class TestSqliteStore(StoreContract):
         if pid == 0:
             try:
                 child = Store.open(settings)
-                child._end_suppression_change = lambda conn: os._exit(0)  # killed right after COMMIT
+                ended = child._end_suppression_change
+
+                def killed(conn):  # killed right after the COMMIT that changed a suppression
+                    if child._local.suppression_change is not None:
+                        os._exit(0)
+                    ended(conn)
+
+                child._end_suppression_change = killed
                 child.save_feedback(SVC, [overridden("c1", ts=timestamp_text(now))],
                                     suppression_days=lambda *a: 30)
             finally:
