@@ -103,3 +103,43 @@ def test_a_suppression_written_by_one_worker_applies_in_every_worker(tmp_path):
 
         after = _cards_from_every_worker(port, workers)
         assert all(cards == [] for cards in after), after
+
+
+def _order_body(hook_name: str, encounter: str) -> dict:
+    body = {"hook": hook_name, "hookInstance": "0f6b0c43-5e49-4d55-9a57-4f1f5b2a7e02",
+            "context": {"userId": "Practitioner/u1", "patientId": PATIENT, "encounterId": encounter},
+            "prefetch": prefetch(chart(PATIENT))}
+    if hook_name != "patient-view":
+        body["context"]["draftOrders"] = {"resourceType": "Bundle", "type": "collection", "entry": []}
+    if hook_name == "order-select":
+        body["context"]["selections"] = []
+    return body
+
+
+def test_a_card_shown_by_one_worker_locks_out_its_encounter_in_every_worker(tmp_path):
+    """The encounter lockout reads what every worker recorded (SQLite: the workers' journals
+    before they are folded), at once: right after a card is shown in an encounter, order-select
+    in that encounter answers no card, whichever worker takes it."""
+    port = free_port()
+    env = {**os.environ, "CDS_DATA_DIR": str(tmp_path / "data"), "CDS_BIND": f"{HOST}:{port}",
+           "CDS_AUTH_DISABLED": "1", "CDS_WORKERS": "2", "CDS_DATABASE_URL": "",
+           "CDS_LOG_LEVEL": "ERROR", "PROMETHEUS_MULTIPROC_DIR": str(tmp_path / "prom")}
+    server = ServerProcess([B12_CDS, "serve"], env=env, log_path=tmp_path / "serve.log")
+    with server.start(http_ok(f"http://{HOST}:{port}/healthz"), timeout=60):
+        deadline = time.monotonic() + 30
+        while len(workers := _workers(server.proc.pid)) < 2:
+            assert time.monotonic() < deadline, "gunicorn did not start 2 workers"
+            time.sleep(0.05)
+        for round_ in range(4):
+            encounter = f"enc-{round_}"
+            shown, shower = _post(port, f"/cds-services/{PV}", _order_body("patient-view", encounter),
+                                  workers)
+            assert len(shown["cards"]) == 1, shown
+            others = 0
+            deadline = time.monotonic() + 60
+            while others < 2:  # until another worker than the one that showed it answered twice
+                assert time.monotonic() < deadline, "the other worker never answered"
+                answer, worker = _post(port, "/cds-services/b12-neck-pain-order-select",
+                                       _order_body("order-select", encounter), workers)
+                assert answer["cards"] == [], (round_, answer)
+                others += worker != shower
