@@ -68,6 +68,10 @@ class Settings:
     b12_order_loinc: str = "2132-9"
     validation_cache_size: int = 8192
     """R4B validation verdicts remembered per worker (a digest and a boolean each); 0: off."""
+    gate_memo_entries: int = 32768
+    """Resources whose gate verdict is remembered per worker, keyed by a hash of their bytes
+    (`cds_service.gate_memo`: the length, type, logical id and subject reference are kept, no
+    clinical content; about 9 MiB when full); 0: off."""
     order_intent: str = "proposal"
     acid_suppressant_min_days: int = 365
     """An acid suppressant counts once taken this long (AAFP 2017: more than 12 months)."""

@@ -46,6 +46,7 @@ import requests
 from cds_service import facts, fhir_url, wire
 from cds_service.config import Settings
 from cds_service.deadline_http import JOIN_GRACE_SECONDS, AbortableAdapter, CallAbort
+from cds_service.gate_memo import GateMemo, GateVerdict
 from cds_service.logs import get_logger
 from cds_service.protocol import CdsError, HookRequest, invalid_json
 from cds_service.retry_after import retry_after_seconds
@@ -389,10 +390,19 @@ def _unshadowed(resources: list[Resource], dropped: list[set[tuple[str, str]]]) 
 
 
 def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed: Needed | None,
-                needed_head: Callable[[wire.Head], bool] | None = None) -> int:
+                needed_head: Callable[[wire.Head], bool] | None = None, memo: GateMemo | None = None) -> int:
     """`_accept` for a Bundle still in raw form: the checks run on each resource's head
     (`wire.LazyBundle.head`) and only the resources kept are decoded (`CdsError(400)` if one is
-    not valid JSON after all).  Returns the number of OperationOutcomes passed over."""
+    not valid JSON after all).  Returns the number of OperationOutcomes passed over.
+
+    With `memo` (for `needed_head`'s answers), a Bundle seen before is read through it
+    (`_accept_raw_remembered`): the same decisions, most without decoding a head."""
+    raws = bundle.raws
+    if memo is not None and needed_head is not None and raws and memo.enabled:
+        memo.bind(needed_head)
+        first = raws[0]
+        if memo.remembers_bundle(hash(bytes(first)), len(first), len(raws)):
+            return _accept_raw_remembered(raws, patient_id, into, needed, needed_head, memo)
     keep = into.resources.append
     dropped = into.dropped
     own_reference = f"Patient/{patient_id}"
@@ -424,6 +434,81 @@ def _accept_raw(bundle: wire.LazyBundle, patient_id: str, into: _KeyData, needed
                     elif (rid := head.id) is not None:
                         dropped.add((rtype, rid))  # see _KeyData.dropped
                     continue
+            into.skipped += 1
+    except orjson.JSONDecodeError as err:
+        raise invalid_json(err) from None
+    return outcomes
+
+
+def _accept_raw_remembered(raws: list[wire.RawJson], patient_id: str, into: _KeyData,
+                           needed: Needed | None, gate: Callable[[wire.Head], bool], memo: GateMemo) -> int:
+    """`_accept_raw`'s loop through `memo`: a resource whose bytes are remembered is acted on
+    from its `GateVerdict` (kept and decoded, dropped, counted as skipped or as an
+    OperationOutcome) exactly as its head would have decided; any other is judged from its head
+    as in `_accept_raw`, and remembered when the verdict depends on nothing but its bytes and
+    the context patient's reference (see `cds_service.gate_memo`)."""
+    keep = into.resources.append
+    dropped = into.dropped
+    own_reference = f"Patient/{patient_id}"
+    decode_head = wire.HEAD_DECODER.decode
+    head_errors = wire.HEAD_DECODE_ERRORS
+    decode = wire.decode_resource
+    remembered = memo.get
+    remember = memo.put
+    known_types = KNOWN_RESOURCE_TYPES
+    outcomes = 0
+    try:
+        for raw in raws:
+            key = hash(bytes(raw))
+            length = len(raw)
+            verdict = remembered(key, length)
+            if verdict is not None:
+                rtype = verdict.resource_type
+                if rtype == "OperationOutcome":
+                    outcomes += 1
+                    continue
+                if rtype not in known_types:
+                    into.skipped += 1
+                    continue
+                if verdict.subject_reference == own_reference:
+                    rid = verdict.resource_id
+                    if verdict.needed:
+                        if not dropped or rid is None or (rtype, rid) not in dropped:
+                            keep(decode(raw))
+                    elif rid is not None:
+                        dropped.add((rtype, rid))  # see _KeyData.dropped
+                    continue
+                # another patient's, or a reference in another form: judged from the head below
+            try:
+                head = decode_head(raw)
+            except head_errors:  # no resource, not an object, or an unusual head: as a dict
+                outcomes += _accept_dict_head(raw, patient_id, into, needed)
+                continue
+            rtype = head.resourceType
+            if rtype == "OperationOutcome":
+                remember(key, GateVerdict(length, rtype, None, None, False))
+                outcomes += 1
+                continue
+            if rtype in known_types:
+                subject = head.subject
+                if subject is not None and subject.reference == own_reference:
+                    is_needed = gate(head)
+                    remember(key, GateVerdict(length, rtype, head.id, own_reference, is_needed))
+                    if is_needed:
+                        if not dropped or head.id is None or (rtype, head.id) not in dropped:
+                            keep(decode(raw))
+                    elif (rid := head.id) is not None:
+                        dropped.add((rtype, rid))  # see _KeyData.dropped
+                    continue
+                if _about_patient(wire.head_as_dict(head), patient_id):
+                    if gate(head):  # (not remembered: the reference is in another form)
+                        if not dropped or head.id is None or (rtype, head.id) not in dropped:
+                            keep(decode(raw))
+                    elif (rid := head.id) is not None:
+                        dropped.add((rtype, rid))
+                    continue
+            elif type(rtype) is str:
+                remember(key, GateVerdict(length, rtype, None, None, False))  # a type the rules never use
             into.skipped += 1
     except orjson.JSONDecodeError as err:
         raise invalid_json(err) from None
@@ -533,6 +618,8 @@ class PatientDataGatherer:
                                      "User-Agent": "b12-neck-cds"})
         self._templates: dict[str, dict[str, str]] = {}
         self._lock = threading.Lock()
+        self.gate_memo = GateMemo(settings.gate_memo_entries)
+        """What the gate decided about resources seen before (`cds_service.gate_memo`)."""
         # Normalised once: a bad entry is a configuration error at start, not a silent no-match.
         self.allowlist = fhir_url.normalise_allowlist(settings.fhir_allowlist_prefixes)
 
@@ -593,7 +680,7 @@ class PatientDataGatherer:
                 continue  # the EHR has no data for this key
             if isinstance(value, wire.LazyBundle) or value.get("resourceType") == "Bundle":
                 if isinstance(value, wire.LazyBundle):
-                    outcomes = _accept_raw(value, patient_id, kd, needed, needed_head)
+                    outcomes = _accept_raw(value, patient_id, kd, needed, needed_head, self.gate_memo)
                     if outcomes and outcomes == len(value.raws):  # only OperationOutcomes: not data
                         del data[key]  # (nothing was kept, skipped or dropped)
                         to_fetch.append(key)
