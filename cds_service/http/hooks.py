@@ -21,6 +21,8 @@ import orjson
 from flask import Blueprint, Response, g, request
 from werkzeug import Request
 from werkzeug.exceptions import ClientDisconnected, HTTPException, RequestEntityTooLarge
+from werkzeug.http import parse_options_header
+from werkzeug.sansio.utils import get_content_length
 
 from cds_service import metrics, wire
 from cds_service.services import Services, services
@@ -202,27 +204,33 @@ def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evalu
     can count what the policy withheld (the patient id is hashed)."""
     verdict = evaluation.policy
     situation = verdict.situation.to_json() if verdict is not None else None
-    issued = [
-        IssuedCard(card_uuid=card.uuid, kind=evaluation.card_kinds.get(card.uuid, "unknown"),
-                   suggestion_uuids=card.suggestion_uuids,
-                   situation=situation)
-        for card in evaluation.cards
-    ]
+    kinds = evaluation.card_kinds
+    # IssuedCard(card_uuid, kind, suggestion_uuids, delivery, situation): positional, the
+    # field order tests/test_store.py pins (keywords cost more on every call).
+    issued = [IssuedCard(card_uuid, kinds.get(card_uuid, "unknown"), card.suggestion_uuids, "shown", situation)
+              for card in evaluation.cards for card_uuid in (card.uuid,)]
     if verdict is not None and not verdict.shown and evaluation.decision.kind:
         cause = verdict.cause.withheld_by() if verdict.cause else {}
-        issued.append(IssuedCard(card_uuid=str(uuid.uuid4()), kind=evaluation.decision.kind,
-                                 delivery=verdict.delivery, situation=situation,
-                                 withheld_by=json.dumps(cause, separators=(",", ":"))))
+        issued.append(IssuedCard(str(uuid.uuid4()), evaluation.decision.kind, (), verdict.delivery,
+                                 situation, json.dumps(cause, separators=(",", ":"))))
     if not issued:
         return
-    store.record_issued_cards(service_id, hook_request.hook_instance,
-                                         hook_request.context.patient_id, issued,
-                                         encounter_id=hook_request.context.encounter_id)
+    context = hook_request.context
+    store.record_issued_cards(service_id, hook_request.hook_instance, context.patient_id, issued,
+                              encounter_id=context.encounter_id)
     for card in issued:
-        if card.delivery == "shown":
-            metrics.CARDS_ISSUED.labels(card.kind).inc()
-        else:
-            metrics.CARDS_WITHHELD.labels(card.kind, card.delivery).inc()
+        _cards_counter(card.kind, card.delivery).inc()
+
+
+@lru_cache(maxsize=256)
+def _cards_counter(kind: str, delivery: str) -> Any:
+    """The counter a card of `kind` delivered so adds one to: `cds_cards_issued_total{kind}` when
+    shown, `cds_cards_withheld_total{kind, delivery}` when withheld (as `_hook_metrics`: `labels()`
+    locks and builds its key on every call).  Kinds are the rules' ids and deliveries four, so
+    the cache stays small."""
+    if delivery == "shown":
+        return metrics.CARDS_ISSUED.labels(kind)
+    return metrics.CARDS_WITHHELD.labels(kind, delivery)
 
 
 def read_json_body(req: Request, *, max_depth: int, lazy_prefetch: bool = False) -> Any:
@@ -236,8 +244,9 @@ def read_json_body(req: Request, *, max_depth: int, lazy_prefetch: bool = False)
     Prefetch contents are bounded by orjson's own 1024-level limit and are never walked
     recursively by this service.
     """
-    mimetype = (req.mimetype or "").lower()
-    if mimetype not in JSON_CONTENT_TYPES:
+    # `req.mimetype` parses `req.headers.get("Content-Type", "")`, which is the environ's
+    # CONTENT_TYPE: the same parse of the same text, remembered per text (a few distinct ones).
+    if _mimetype(req.environ.get("CONTENT_TYPE", "")) not in JSON_CONTENT_TYPES:
         raise CdsError(415, "request body must be application/json")
     raw = read_body(req)
     body = wire.decode_hook_body(raw) if lazy_prefetch else None
@@ -246,14 +255,38 @@ def read_json_body(req: Request, *, max_depth: int, lazy_prefetch: bool = False)
             body = orjson.loads(raw)
         except orjson.JSONDecodeError as err:
             raise invalid_json(err) from None
-    if isinstance(body, dict):
-        envelope = {k: v for k, v in body.items() if k != "prefetch"}
-        if isinstance(body.get("prefetch"), dict):
-            envelope["prefetch"] = dict.fromkeys(body["prefetch"])
-        depth = json_depth(envelope, max_depth)
-        if depth > max_depth:
-            raise CdsError(400, f"request JSON is nested deeper than {max_depth} levels")
+    if isinstance(body, dict) and envelope_depth(body, max_depth) > max_depth:
+        raise CdsError(400, f"request JSON is nested deeper than {max_depth} levels")
     return body
+
+
+@lru_cache(maxsize=64)
+def _mimetype(content_type: str) -> str:
+    """What werkzeug's `Request.mimetype` gives for a `Content-Type` header (its own parse)."""
+    return (parse_options_header(content_type)[0] or "").lower()
+
+
+def envelope_depth(body: dict[str, Any], limit: int) -> int:
+    """`json_depth(envelope, limit) > limit` exactly when `envelope_depth(body, limit) > limit`,
+    where the envelope is `body` without `prefetch` and, when `prefetch` is an object, with
+    that object's values as nulls (their contents are bounded by orjson's own limit, see
+    `read_json_body`), without building that envelope.  An object's depth is 1 + its deepest
+    value's (a container's; scalars add nothing)."""
+    deepest = 0
+    for key, value in body.items():
+        if key == "prefetch":
+            if not isinstance(value, dict):
+                continue  # left out of the envelope
+            depth = 1  # an object of nulls
+        elif isinstance(value, (dict, list)):
+            depth = json_depth(value, limit - 1)  # exact up to limit - 1, else above it
+        else:
+            continue
+        if depth > deepest:
+            deepest = depth
+            if deepest >= limit:
+                break  # the envelope is already deeper than `limit`
+    return 1 + deepest
 
 
 def read_body(req: Request) -> bytes:
@@ -263,17 +296,19 @@ def read_body(req: Request) -> bytes:
     cut at the limit, so that case is read here with one byte more than allowed.  (Under
     `b12-cds serve` the front, cds_service.asgi, has already done the same in the event loop.)
     """
-    refused = req.environ.get(FRONT_ERROR_ENVIRON)
+    environ = req.environ
+    refused = environ.get(FRONT_ERROR_ENVIRON)
     if refused:
         raise front_error(refused)
     limit = req.max_content_length
-    length = req.content_length
-    if length is not None and "wsgi.input_terminated" not in req.environ:
+    # `req.content_length`, from the environ values its headers read (EnvironHeaders).
+    length = get_content_length(environ.get("CONTENT_LENGTH"), environ.get("HTTP_TRANSFER_ENCODING"))
+    if length is not None and "wsgi.input_terminated" not in environ:
         # What `get_data` does here (werkzeug's get_input_stream + LimitedStream), in one read
         # instead of 64 KiB chunks copied twice: a third of the reading of a 300 KiB body.
         if limit is not None and length > limit:
             raise RequestEntityTooLarge()
-        return _read_declared(req.environ["wsgi.input"], length)
+        return _read_declared(environ["wsgi.input"], length)
     if length is not None or limit is None:
         return req.get_data(cache=False)  # raises 413 past MAX_CONTENT_LENGTH
     if not req.environ.get("wsgi.input_terminated"):
