@@ -50,11 +50,27 @@ class JsonFormatter(logging.Formatter):
             text = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))
             self._second = (second, text)
         entry = {"ts": f"{text}.{int(msecs):03d}Z", "level": levelname.lower(), "logger": logger, "msg": msg}
-        for name in ALLOWED_FIELDS:
-            value = attributes.get(name)
+        for name in _allowed_present(tuple(attributes)):
+            value = attributes[name]
             if value is not None:
                 entry[name] = value
         return orjson.dumps(entry, default=str).decode()
+
+
+_ALLOWED_PRESENT: dict[tuple[str, ...], tuple[str, ...]] = {}
+"""Attribute names (in a mapping's order) -> those of them in `ALLOWED_FIELDS`, in its order.
+A line's attributes are one of a few fixed sets (the hook line's, a record's), so looking
+them up replaces testing every allowed name against every line."""
+
+
+def _allowed_present(names: tuple[str, ...]) -> tuple[str, ...]:
+    present = _ALLOWED_PRESENT.get(names)
+    if present is None:
+        given = set(names)
+        present = tuple(name for name in ALLOWED_FIELDS if name in given)
+        if len(_ALLOWED_PRESENT) < 1024:  # unusual attribute sets are answered, not kept
+            _ALLOWED_PRESENT[names] = present
+    return present
 
 
 def write_event(logger: logging.Logger, level: int, msg: str, fields: dict[str, object]) -> None:
