@@ -26,7 +26,9 @@ from typing import Any
 
 from flask import Flask
 from werkzeug import Request
-from werkzeug.wsgi import get_host
+from werkzeug._internal import _wsgi_decoding_dance
+from werkzeug.datastructures import EnvironHeaders
+from werkzeug.wsgi import _get_server, get_host
 
 from cds_service.http.errors import error_response, request_limit_error
 from cds_service.http.hooks import ServiceDefinition, answer_hook, load_service_definitions
@@ -83,7 +85,7 @@ class HookRoute:
                start_response: Callable[..., Any]) -> Iterable[bytes]:
         """The hook call, as Flask's view and error handlers would answer it."""
         s = self.app.extensions[EXTENSION_KEY]
-        req = Request(environ)
+        req = HookRequestObject(environ)
         # What flask.Request.max_content_length reads, per request (the app's config).
         req.max_content_length = self.app.config["MAX_CONTENT_LENGTH"]
         counts: dict[str, object] = {}
@@ -99,6 +101,47 @@ class HookRoute:
         start_response(_ANSWER_STATUS, [("Content-Type", "application/json"),
                                         ("Content-Length", str(len(answer)))])
         return [answer]
+
+
+class _FromEnviron:
+    """An attribute of `HookRequestObject` computed from the environ on first use, then kept
+    in the instance (a non-data descriptor: the instance's value, once there, is read directly)."""
+
+    def __init__(self, compute: Callable[[dict[str, Any]], Any]) -> None:
+        self.compute = compute
+        self.name = ""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    def __get__(self, obj: Any, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        value = obj.__dict__[self.name] = self.compute(obj.environ)
+        return value
+
+
+class HookRequestObject(Request):
+    """werkzeug's `Request` whose attributes derived from the environ (method, scheme, server,
+    root path, path, query string, headers, remote address) are computed when first read, each
+    exactly as `Request.__init__` computes it, instead of all of them up front: a hook call
+    that is answered reads none of them (`answer_hook` reads the environ and the body limit),
+    and making them all was a tenth of the route's own cost.  tests/test_hook_route.py compares
+    every attribute with `Request`'s."""
+
+    def __init__(self, environ: dict[str, Any]) -> None:  # noqa: D107 - as Request's (populate_request)
+        self.environ = environ
+        self.shallow = False
+        environ["werkzeug.request"] = self
+
+    method = _FromEnviron(lambda e: e.get("REQUEST_METHOD", "GET").upper())
+    scheme = _FromEnviron(lambda e: e.get("wsgi.url_scheme", "http"))
+    server = _FromEnviron(_get_server)
+    root_path = _FromEnviron(lambda e: _wsgi_decoding_dance(e.get("SCRIPT_NAME") or "").rstrip("/"))
+    path = _FromEnviron(lambda e: "/" + _wsgi_decoding_dance(e.get("PATH_INFO") or "").lstrip("/"))
+    query_string = _FromEnviron(lambda e: e.get("QUERY_STRING", "").encode("latin1"))
+    headers = _FromEnviron(EnvironHeaders)
+    remote_addr = _FromEnviron(lambda e: e.get("REMOTE_ADDR"))
 
 
 @lru_cache(maxsize=64)
