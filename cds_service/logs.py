@@ -93,8 +93,11 @@ def write_event(logger: logging.Logger, level: int, msg: str, fields: dict[str, 
             created, (created - int(created)) * 1000, logging.getLevelName(level), logger.name, msg, fields)
         with handler.lock:  # type: ignore[union-attr]
             try:
-                handler.stream.write(text + handler.terminator)
-                handler.flush()
+                stream = handler.stream
+                stream.write(text + handler.terminator)
+                # StreamHandler.flush (the handler is exactly a StreamHandler), its lock held here.
+                if stream and hasattr(stream, "flush"):
+                    stream.flush()
             except RecursionError:
                 raise
             except Exception:

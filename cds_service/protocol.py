@@ -18,6 +18,7 @@ from typing import Any, Literal, Protocol
 import msgspec
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from cds_service.frozen import fast_init
 from cds_service.wire import LazyBundle, is_raw
 
 # ---------------------------------------------------------------------------------------------
@@ -109,6 +110,7 @@ class FhirAuthorization:
         return f"FhirAuthorization(token_type={self.token_type!r}, scope={self.scope!r})"
 
 
+@fast_init  # built on every hook call (see cds_service.frozen)
 @dataclass(frozen=True)
 class HookContext:
     user_id: str
@@ -241,9 +243,24 @@ def parse_hook_request(body: Any, expected_hook: str, *, max_string_length: int 
                 raise bad_request(f"prefetch.{key[:64]} must be a FHIR resource or null", f"prefetch.{key[:64]}")
     _check_extension(body, "")
 
-    # (hook, hook_instance, context, fhir_server, fhir_authorization, prefetch)
-    return HookRequest(hook, hook_instance or "", context,
-                       fhir_server.rstrip("/") if fhir_server else None, auth, prefetch)
+    return _hook_request(hook, hook_instance or "", context,
+                         fhir_server.rstrip("/") if fhir_server else None, auth, prefetch)
+
+
+def _hook_request(hook: str, hook_instance: str, context: HookContext, fhir_server: str | None,
+                  fhir_authorization: FhirAuthorization | None, prefetch: dict[str, Any]) -> HookRequest:
+    """`HookRequest(...)` with every field given, its instance dict written directly, as
+    `cds_service.frozen.fast_init` does (which `prefetch`'s default factory keeps away):
+    the same frozen instance (tests/test_protocol.py compares them)."""
+    request = object.__new__(HookRequest)
+    fields = request.__dict__
+    fields["hook"] = hook
+    fields["hook_instance"] = hook_instance
+    fields["context"] = context
+    fields["fhir_server"] = fhir_server
+    fields["fhir_authorization"] = fhir_authorization
+    fields["prefetch"] = prefetch
+    return request
 
 
 _PREFETCH_VALUE_CLASSES = frozenset({dict, msgspec.Raw, LazyBundle, type(None)})

@@ -56,6 +56,7 @@ from typing import Any
 import orjson
 
 from cds_service.config import Settings
+from cds_service.frozen import fast_init
 from cds_service.logs import get_logger
 from cds_service.secret_files import read_or_create_secret
 
@@ -258,6 +259,7 @@ _POLICY_READ_WITH_LOCKOUT = (
     " issued_at, NULL, situation, service_id " + _LOCKOUT_WHERE)
 
 
+@fast_init  # one or two per hook call: the generated __init__'s object.__setattr__ per field costs more
 @dataclass(frozen=True)
 class IssuedCard:
     """A card the rules chose: its uuid, its kind (rule id) and its suggestions' uuids, and how it
