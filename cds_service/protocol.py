@@ -251,7 +251,7 @@ def _hook_request(hook: str, hook_instance: str, context: HookContext, fhir_serv
                   fhir_authorization: FhirAuthorization | None, prefetch: dict[str, Any]) -> HookRequest:
     """`HookRequest(...)` with every field given, its instance dict written directly, as
     `cds_service.frozen.fast_init` does (which `prefetch`'s default factory keeps away):
-    the same frozen instance (tests/test_protocol.py compares them)."""
+    the same frozen instance (tests/test_hook_fixed_cost.py compares them)."""
     request = object.__new__(HookRequest)
     fields = request.__dict__
     fields["hook"] = hook

@@ -126,7 +126,7 @@ class HookRequestObject(Request):
     root path, path, query string, headers, remote address) are computed when first read, each
     exactly as `Request.__init__` computes it, instead of all of them up front: a hook call
     that is answered reads none of them (`answer_hook` reads the environ and the body limit),
-    and making them all was a tenth of the route's own cost.  tests/test_hook_route.py compares
+    and making them all was a tenth of the route's own cost.  tests/test_hook_fixed_cost.py compares
     every attribute with `Request`'s."""
 
     def __init__(self, environ: dict[str, Any]) -> None:  # noqa: D107 - as Request's (populate_request)

@@ -206,7 +206,7 @@ def _record_issued(service_id: str, hook_request: HookRequest, evaluation: Evalu
     situation = verdict.situation.to_json() if verdict is not None else None
     kinds = evaluation.card_kinds
     # IssuedCard(card_uuid, kind, suggestion_uuids, delivery, situation): positional, the
-    # field order tests/test_store.py pins (keywords cost more on every call).
+    # field order tests/test_hook_fixed_cost.py pins (keywords cost more on every call).
     issued = [IssuedCard(card_uuid, kinds.get(card_uuid, "unknown"), card.suggestion_uuids, "shown", situation)
               for card in evaluation.cards for card_uuid in (card.uuid,)]
     if verdict is not None and not verdict.shown and evaluation.decision.kind:
