@@ -251,6 +251,16 @@ def _codings(concept: Any) -> list[dict[str, Any]]:
 def _status_codes(concept: Any) -> set[str]:
     """The non-blank codes of a status CodeableConcept (as `_codings` + `_s`, unrolled: it runs
     twice for every matched Condition)."""
+    if type(concept) is dict:
+        coding = concept.get("coding")
+        if type(coding) is list and len(coding) == 1:
+            # The common case, one coding ("active", "confirmed"): its code read without the
+            # loop (the general path below gives the same set).
+            only = coding[0]
+            if type(only) is dict:
+                code = only.get("code")
+                if type(code) is str:
+                    return {code} if code.strip() else set()
     codes: set[str] = set()
     if isinstance(concept, dict):
         coding = concept.get("coding")
