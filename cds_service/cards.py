@@ -585,7 +585,12 @@ def _service_request(loinc: str, display: str, text: str, facts: PatientFacts, c
     user_type, _, user_rest = user_id.partition("/")
     if user_type in ("Practitioner", "PractitionerRole") and user_rest:
         resource["requester"] = {"reference": user_id}
-    refs = [ref for ref in dict.fromkeys(e.reference for e in facts.neck_pain) if ref]
+    neck_pain = facts.neck_pain
+    if len(neck_pain) == 1:  # the common case: one neck-pain entry, no duplicates to drop
+        only = neck_pain[0].reference
+        refs = [only] if only else []
+    else:
+        refs = [ref for ref in dict.fromkeys(e.reference for e in neck_pain) if ref]
     if refs:
         resource["reasonReference"] = [{"reference": ref} for ref in refs]
     else:
