@@ -49,6 +49,17 @@ def overridden(card: str, *, code: str | None = None, comment: str | None = None
     return entry
 
 
+def _without_other_fold_threads(timeout: float = 20.0) -> None:
+    """Wait until the issued-card journal threads that earlier tests' apps left running have
+    ended (each ends after `JOURNAL_IDLE_FOLDS` idle rounds).  A process forked while another of
+    its threads is inside SQLite inherits SQLite's mutexes locked and hangs on its first call;
+    gunicorn forks its workers from a master that runs no such thread, and this test is about
+    the forked store, not about the rest of the test session's threads."""
+    for thread in threading.enumerate():
+        if thread.name == "issued-card-journal" and thread is not threading.current_thread():
+            thread.join(timeout)
+
+
 def _remember_in_child(store: Store, jti: str, results: "multiprocessing.Queue[bool]") -> None:
     results.put(store.remember_jti("https://ehr.example.org", jti, time.time() + 300))
 
@@ -434,6 +445,7 @@ class StoreContract:
         # The store was used in this process before forking (as a preloaded gunicorn app would
         # be): children must open their own connections and still agree on a single winner.
         store.remember_jti("https://ehr.example.org", "warm-up", time.time() + 300)
+        _without_other_fold_threads()
         ctx = multiprocessing.get_context("fork")
         results = ctx.Queue()
         procs = [ctx.Process(target=_remember_in_child, args=(store, "forked", results))
