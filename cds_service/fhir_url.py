@@ -10,7 +10,7 @@ decode or split differently.
 `normalise()` turns a URL into the one form that is both checked and sent:
 
 * only `http`/`https`, an ASCII host (lowercased), no userinfo, a valid port (the default port
-  dropped), no fragment;
+  dropped), no fragment, no empty query (`?` alone);
 * raw control characters, spaces, backslashes and non-ASCII characters anywhere: rejected;
 * percent-encodings of unreserved characters decoded, the others uppercased (RFC 3986 6.2.2);
   characters not allowed in a URI (`|`, `"`, `{`...) percent-encoded, as `requests` would do;
@@ -117,8 +117,14 @@ def normalise(url: str) -> FhirUrl:
         raise UnsafeUrl("control character, space or backslash")
     if _BAD_PERCENT.search(url):
         raise UnsafeUrl("malformed percent-encoding")
+    # Split as RFC 3986 appendix B does: the first "#" starts the fragment (dropped), the first
+    # "?" before it starts the query.  rfc3986 parses only what precedes the query; a FHIR search
+    # query (thousands of characters of value-set codes) is checked and normalised here in one
+    # pass instead of rfc3986's byte-by-byte re-encoding of it.
+    before_fragment = url.partition("#")[0]
+    head, has_query, raw_query = before_fragment.partition("?")
     try:
-        ref = rfc3986.uri_reference(url)
+        ref = rfc3986.uri_reference(head)
         if ref.scheme:
             ref = ref.copy_with(scheme=ref.scheme.lower())  # schemes are case-insensitive
         _VALIDATOR.validate(ref)
@@ -128,6 +134,8 @@ def normalise(url: str) -> FhirUrl:
         raise UnsafeUrl("not an absolute URL with a host") from None
     except rfc3986_exceptions.RFC3986Exception:
         raise UnsafeUrl("not a valid URL") from None
+    if has_query and ("[" in raw_query or "]" in raw_query):
+        raise UnsafeUrl("not a valid URL")  # gen-delims not allowed in a query (RFC 3986 3.4)
     authority = ref.authority_info()
     if authority["userinfo"] is not None or "@" in (ref.authority or ""):
         raise UnsafeUrl("userinfo in URL")
@@ -145,7 +153,8 @@ def normalise(url: str) -> FhirUrl:
     elif (ref.authority or "").endswith(":"):
         port = None  # "host:" means the default port (RFC 3986 6.2.3)
     return FhirUrl(scheme=scheme, host=host, port=port, path=_normal_path(ref.path or ""),
-                   query=None if ref.query is None else _normal_component(ref.query, _QUERY_CHARS))
+                   # an empty query is dropped, as `requests` drops it when it prepares the URL
+                   query=_normal_component(raw_query, _QUERY_ENCODE) if raw_query else None)
 
 
 def normalise_allowlist(prefixes: Iterable[str]) -> tuple[FhirUrl, ...]:
@@ -167,14 +176,32 @@ def allowed(url: FhirUrl, allowlist: Iterable[FhirUrl]) -> bool:
     return any(url.is_under(prefix) for prefix in allowlist)
 
 
-def _normal_component(text: str, allowed_chars: frozenset[str]) -> str:
-    """Decode percent-encoded unreserved characters, uppercase the rest, encode invalid ones."""
-    def decode(match: re.Match[str]) -> str:
-        char = chr(int(match.group(1), 16))
-        return char if char in _UNRESERVED else "%" + match.group(1).upper()
+def _not_allowed(allowed_chars: frozenset[str]) -> re.Pattern[str]:
+    """Matches one ASCII character that is neither in `allowed_chars` nor `%` (callers have
+    rejected non-ASCII text and malformed percent-encodings)."""
+    return re.compile("[" + "".join(re.escape(chr(code)) for code in range(128)
+                                    if chr(code) not in allowed_chars and chr(code) != "%") + "]")
 
-    text = _PERCENT.sub(decode, text)
-    return "".join(c if c in allowed_chars or c == "%" else f"%{ord(c):02X}" for c in text)
+
+_PATH_ENCODE = _not_allowed(_PATH_CHARS)
+_QUERY_ENCODE = _not_allowed(_QUERY_CHARS)
+
+
+def _decode_unreserved(match: re.Match[str]) -> str:
+    char = chr(int(match.group(1), 16))
+    return char if char in _UNRESERVED else "%" + match.group(1).upper()
+
+
+def _normal_component(text: str, not_allowed: re.Pattern[str]) -> str:
+    """Decode percent-encoded unreserved characters, uppercase the rest, encode the characters
+    not allowed in the component (RFC 3986 6.2.2.1-6.2.2.2)."""
+    if "%" in text:
+        text = _PERCENT.sub(_decode_unreserved, text)
+    # One str.replace per distinct character to encode: a search query repeats the few it has
+    # (the "|" of every system|code token) hundreds of times.
+    for char in set(not_allowed.findall(text)):
+        text = text.replace(char, f"%{ord(char):02X}")
+    return text
 
 
 def _normal_path(path: str) -> str:
@@ -198,5 +225,5 @@ def _normal_path(path: str) -> str:
             bytes(int(h, 16) for h in _PERCENT.findall(raw)).decode("utf-8")
         except UnicodeDecodeError:
             raise UnsafeUrl("percent-encoded bytes in path are not UTF-8") from None
-    normal = normalizers.remove_dot_segments(_normal_component(path, _PATH_CHARS))
+    normal = normalizers.remove_dot_segments(_normal_component(path, _PATH_ENCODE))
     return normal if normal.startswith("/") else "/" + normal

@@ -14,6 +14,10 @@ from typing import Any
 from urllib.parse import unquote
 
 import pytest
+import requests
+from hypothesis import given
+from hypothesis import settings as hypothesis_settings
+from hypothesis import strategies as st
 
 from cds_service import fhir_url
 from cds_service.config import Settings
@@ -219,6 +223,15 @@ def test_next_link_inside_the_prefix_is_followed_in_normal_form() -> None:
     ("https://ehr.example/fhir#fragment", "https://ehr.example/fhir"),
     ("https://[::1]:8080/fhir", "https://[::1]:8080/fhir"),
     ("https://ehr.example/caf%c3%a9", "https://ehr.example/caf%C3%A9"),
+    # RFC 3986 appendix B: the first "#" ends the query, the first "?" before it starts it
+    ("https://ehr.example/fhir#a?b=1", "https://ehr.example/fhir"),
+    ("https://ehr.example/fhir?a=1#b?c", "https://ehr.example/fhir?a=1"),
+    ("https://ehr.example/fhir?a=b?c/d", "https://ehr.example/fhir?a=b?c/d"),
+    ("https://ehr.example/fhir?", "https://ehr.example/fhir"),
+    ("https://ehr.example/fhir?#x", "https://ehr.example/fhir"),
+    ("https://ehr.example?x=/../y", "https://ehr.example/?x=/../y"),
+    ("https://ehr.example/a?code=s|1,s|2&x={y}^`", "https://ehr.example/a?code=s%7C1,s%7C2&x=%7By%7D%5E%60"),
+    ("https://ehr.example/a?q=%7c%2e%7E%2F%25", "https://ehr.example/a?q=%7C.~%2F%25"),
 ])
 def test_normal_form(url: str, normal: str) -> None:
     assert normalise(url).text == normal
@@ -229,10 +242,27 @@ def test_normal_form(url: str, normal: str) -> None:
     "", "/relative", "mailto:a@b.example", "https:///fhir", "https://ehr.example:99999/",
     "https://ehr.example/a%zz", "https://ehr%2eexample/", "https://user@ehr.example/",
     "https://ehr.example/\x7f", "file:///etc/passwd", "javascript:alert(1)",
+    "https://ehr.example/a?q=[1]", "https://ehr.example/a?q=\\", "https://ehr.example/a?q=%",
+    "https://ehr.example/a?q=caf\u00e9", "https://ehr.example/a?q=a b",
 ])
 def test_unusable_urls_are_rejected(url: str) -> None:
     with pytest.raises(UnsafeUrl):
         normalise(url)
+
+
+@given(st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=60),
+       st.text(alphabet=st.characters(min_codepoint=0x21, max_codepoint=0x7e), max_size=60))
+@hypothesis_settings(max_examples=400, deadline=None)
+def test_requests_sends_the_normal_form_unchanged(path: str, query: str) -> None:
+    """The gatherer refuses to send a URL that `requests` would rewrite; for any printable path
+    and query, the normal form is what `requests` prepares, and normalising it again changes
+    nothing."""
+    try:
+        url = normalise(f"https://ehr.example/fhir/{path}?{query}")
+    except UnsafeUrl:
+        return
+    assert requests.Request("GET", url.text).prepare().url == url.text
+    assert normalise(url.text) == url
 
 
 def test_is_under_compares_scheme_host_port_and_segments() -> None:
