@@ -225,6 +225,33 @@ def test_card_uuid_pairs_are_two_random_version_4_uuids() -> None:
     assert all(found == set("0123456789abcdef") for found in digits.values())
 
 
+def test_forked_workers_never_draw_the_same_card_uuids() -> None:
+    """gunicorn forks its workers from one preloaded app: each must draw its own random bytes
+    (OpenSSL reseeds its generator in a forked child), or two workers would hand out the same
+    card uuids and feedback would reach the wrong card."""
+    import os
+
+    uuid4_pair()  # the parent's generator is seeded and in use before the fork
+    read_end, write_end = os.pipe()
+    children = []
+    for _ in range(3):
+        pid = os.fork()
+        if pid == 0:  # child: write its first pair, then leave without running pytest's exit
+            os.close(read_end)
+            os.write(write_end, (",".join(uuid4_pair()) + "\n").encode())
+            os._exit(0)
+        children.append(pid)
+    os.close(write_end)
+    for pid in children:
+        os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        drawn = [line.split(",") for line in pipe.read().splitlines()]
+    drawn.append(list(uuid4_pair()))
+    assert len(drawn) == 4
+    flat = [u for pair in drawn for u in pair]
+    assert len(set(flat)) == len(flat) == 8
+
+
 # --- the validation verdict key ----------------------------------------------------------------
 
 def test_verdict_key_tells_every_change_of_content_apart() -> None:
