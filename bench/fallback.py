@@ -1,5 +1,6 @@
-"""Part 3: fallback mode: no prefetch; every key is fetched from a local FHIR stub server that
-answers each query after `delay` seconds.  Total hook time vs. one query's time.
+"""Part 3: fallback mode: no prefetch; every key is fetched from a local FHIR stub server (its
+own process, on 127.0.0.1) that answers each query after `delay` seconds.  Total hook time vs.
+one query's time.
 
 The stub answers each search in ONE page (it ignores `_count`): paging is serial by nature and
 would measure the page count, not the parallelism of the fetches.
@@ -7,10 +8,13 @@ would measure the page count, not the parallelism of the fetches.
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -38,8 +42,9 @@ def _route(patient_id: str, path: str, query: dict[str, list[str]]) -> str | Non
             "ServiceRequest": "serviceRequests"}.get(rtype)
 
 
-class FhirStub:
-    """A FHIR server on 127.0.0.1 serving one patient, each answer after `delay` seconds."""
+class _StubServer:
+    """The stub's HTTP server (run in its own process by `FhirStub`): one patient's prefetch
+    answered per FHIR query after `delay` seconds; `GET /__requests` answers the count so far."""
 
     def __init__(self, patient: Patient, delay: float) -> None:
         answers = {key: orjson.dumps(value or EMPTY_BUNDLE) for key, value in patient.prefetch.items()}
@@ -50,17 +55,22 @@ class FhirStub:
             disable_nagle_algorithm = True  # headers and body go out as separate writes
 
             def do_GET(self) -> None:  # noqa: N802
-                time.sleep(delay)
-                parts = urlsplit(self.path)
-                with stub.lock:
-                    stub.requests += 1
-                key = _route(patient.patient_id, parts.path, parse_qs(parts.query))
-                if key is None:
-                    self.send_response(404)
-                    payload = b'{"resourceType": "OperationOutcome", "issue": []}'
-                else:
+                if self.path == "/__requests":
+                    with stub.lock:
+                        payload = str(stub.requests).encode()
                     self.send_response(200)
-                    payload = answers[key]
+                else:
+                    time.sleep(delay)
+                    parts = urlsplit(self.path)
+                    with stub.lock:
+                        stub.requests += 1
+                    key = _route(patient.patient_id, parts.path, parse_qs(parts.query))
+                    if key is None:
+                        self.send_response(404)
+                        payload = b'{"resourceType": "OperationOutcome", "issue": []}'
+                    else:
+                        self.send_response(200)
+                        payload = answers[key]
                 self.send_header("Content-Type", "application/fhir+json")
                 self.send_header("Content-Length", str(len(payload)))
                 self.end_headers()
@@ -73,17 +83,65 @@ class FhirStub:
         self.requests = 0
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/fhir"
-        self._thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+
+def _serve_stub(size: str, delay: float) -> None:
+    """Child process: serve the stub for benchmark patient `size`; print the port, then serve
+    until stdin closes (the parent ended)."""
+    from bench.patients import SIZES, make_patient
+
+    patient = make_patient(*next(spec for spec in SIZES if spec[0] == size))
+    stub = _StubServer(patient, delay)
+    threading.Thread(target=stub.server.serve_forever, daemon=True).start()
+    print(stub.server.server_address[1], flush=True)
+    sys.stdin.read()  # returns at EOF: the parent closed the pipe or died
+    stub.server.shutdown()
+
+
+class FhirStub:
+    """A FHIR server on 127.0.0.1 serving one benchmark patient, each answer after `delay`
+    seconds, in its own process: a FHIR server never shares the service's interpreter (in the
+    same process its request parsing competed with the fetch threads for the GIL, and that
+    was measured as the service's fetch stagger)."""
+
+    def __init__(self, patient: Patient, delay: float) -> None:
+        self.patient = patient
+        self.delay = delay
+        self._proc: subprocess.Popen[str] | None = None
+        self.url = ""
 
     def __enter__(self) -> "FhirStub":
-        self._thread.start()
+        root = Path(__file__).resolve().parent.parent
+        self._proc = subprocess.Popen(
+            [sys.executable, "-m", "bench.fallback", "--serve", self.patient.size, str(self.delay)],
+            cwd=root, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        assert self._proc.stdout is not None
+        port = self._proc.stdout.readline().strip()
+        if not port.isdigit():
+            self.__exit__()
+            raise BenchError("fallback: the FHIR stub process did not start")
+        self.url = f"http://127.0.0.1:{port}/fhir"
         return self
 
+    @property
+    def requests(self) -> int:
+        """FHIR queries the stub has answered so far."""
+        return int(requests.get(self.url.rsplit("/fhir", 1)[0] + "/__requests", timeout=10).text)
+
     def __exit__(self, *exc: Any) -> None:
-        self.server.shutdown()
-        self.server.server_close()
-        self._thread.join(5)
+        proc, self._proc = self._proc, None
+        if proc is None:
+            return
+        try:
+            if proc.stdin:
+                proc.stdin.close()
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        finally:
+            if proc.stdout:
+                proc.stdout.close()
 
 
 @dataclass
@@ -132,3 +190,8 @@ def run_fallback(patient: Patient, expected_cards: bytes | None, *, delay: float
     return FallbackRow(delay_ms=delay * 1000, calls=calls, queries_per_hook=per_hook,
                        hook_p50_ms=percentile(hook_ms, 0.5), hook_p99_ms=percentile(hook_ms, 0.99),
                        single_p50_ms=percentile(single_ms, 0.5), same_cards_as_prefetch=same)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) == 4 and sys.argv[1] == "--serve":
+        _serve_stub(sys.argv[2], float(sys.argv[3]))

@@ -839,6 +839,17 @@ class PatientDataGatherer:
         if not jobs:
             return
 
+        # Every first request is prepared here, before any thread starts: a started thread holds
+        # the GIL while it prepares (requests re-parses the URL, ~0.1-0.5 ms for a value-set
+        # search), and `Thread.start` waits for it, so preparing in the threads staggered the
+        # sends by the sum of those times instead of letting them all go out at once.
+        first_requests: dict[str, requests.PreparedRequest | None] = {}
+        for key, (url, _is_read) in jobs.items():
+            try:
+                first_requests[key] = self._prepare(url, headers)
+            except _FetchFailed:
+                first_requests[key] = None  # the thread prepares it again and fails the same way
+
         call = CallAbort()
         running: dict[str, tuple[threading.Thread, _KeyData]] = {}
         try:
@@ -846,7 +857,7 @@ class PatientDataGatherer:
                 kd = _KeyData(fetched=key in to_fetch)
                 thread = threading.Thread(
                     target=self._fetch_key, name=f"fhir-fetch-{key}", daemon=True,
-                    args=(url, server, headers, patient_id, is_read, kd, deadline, call))
+                    args=(url, server, headers, patient_id, is_read, kd, deadline, call, first_requests[key]))
                 running[key] = (thread, kd)
                 thread.start()
             for thread, _kd in running.values():
@@ -879,8 +890,9 @@ class PatientDataGatherer:
 
     def _fetch_key(self, url: fhir_url.FhirUrl, base: fhir_url.FhirUrl, headers: dict[str, str],
                    patient_id: str, is_read: bool, kd: _KeyData, deadline: float,
-                   call: CallAbort) -> None:
-        """Fetch one key (a read, or a search with its `next` pages) into `kd`; never raises."""
+                   call: CallAbort, prepared: requests.PreparedRequest | None = None) -> None:
+        """Fetch one key (a read, or a search with its `next` pages) into `kd`; never raises.
+        `prepared`: the first request, already prepared for `url` (`_prepare`)."""
         seen: set[str] = set()
         pages = 0
         call.attach()
@@ -895,7 +907,8 @@ class PatientDataGatherer:
                     return
                 seen.add(next_url.text)
                 pages += 1
-                body = self._get_json(next_url, headers, kd, deadline, call)
+                body = self._get_json(next_url, headers, kd, deadline, call,
+                                      prepared if next_url is url else None)
                 rtype = body.get("resourceType") if isinstance(body, dict) else None
                 if rtype == "Bundle":
                     _accept(_bundle_resources(body), patient_id, kd)
@@ -916,13 +929,20 @@ class PatientDataGatherer:
         finally:
             call.detach()
 
-    def _get_json(self, url: fhir_url.FhirUrl, headers: dict[str, str], kd: _KeyData,
-                  deadline: float, call: CallAbort) -> Any:
-        """GET `url` (exactly its normal form) and parse the JSON body; one retry on 429/503
-        within the deadline."""
+    def _prepare(self, url: fhir_url.FhirUrl, headers: dict[str, str]) -> requests.PreparedRequest:
+        """The GET of `url` as `requests` will send it; `_FetchFailed` unless that is exactly
+        `url`'s normal form (requests/urllib3 would send something else: do not send)."""
         prepared = self.session.prepare_request(requests.Request("GET", url.text, headers=headers))
-        if prepared.url != url.text:  # requests/urllib3 would send something else: do not send
+        if prepared.url != url.text:
             raise _FetchFailed("URL changed when prepared")
+        return prepared
+
+    def _get_json(self, url: fhir_url.FhirUrl, headers: dict[str, str], kd: _KeyData,
+                  deadline: float, call: CallAbort, prepared: requests.PreparedRequest | None = None) -> Any:
+        """GET `url` (exactly its normal form; `prepared`: its request from `_prepare`, if made
+        already) and parse the JSON body; one retry on 429/503 within the deadline."""
+        if prepared is None:
+            prepared = self._prepare(url, headers)
         for attempt in (1, 2):
             remaining = deadline - time.monotonic()
             if remaining <= 0 or call.aborted:
